@@ -1,0 +1,48 @@
+"""The AI API Broker: ``create_app`` builds the Flask app from configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Flask
+
+import config as broker_config
+from broker import extensions, migrations, observability
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def create_app(overrides: dict | None = None) -> Flask:
+    """Build the app. ``overrides`` replace settings read from the environment (tests use it)."""
+    settings = broker_config.load(overrides)
+    app = Flask(
+        __name__,
+        instance_path=settings["INSTANCE_PATH"],
+        template_folder=str(ROOT / "templates"),
+        static_folder=str(ROOT / "static"),
+    )
+    app.config.update(settings)
+    Path(app.instance_path).mkdir(parents=True, exist_ok=True)
+    observability.init_app(app)
+    extensions.init_app(app)
+    if settings["BROKER_ENV"] == "development":
+        migrations.upgrade(settings["DATABASE_URL"])
+    register_blueprints(app)
+    register_commands(app)
+    return app
+
+
+def register_blueprints(app: Flask) -> None:
+    from broker.api import bp as api_bp
+    from broker.api.errors import register_error_handlers
+    from broker.web import bp as public_bp
+
+    app.register_blueprint(api_bp)
+    app.register_blueprint(public_bp)
+    register_error_handlers(app)
+
+
+def register_commands(app: Flask) -> None:
+    from broker.cli import broker_cli
+
+    app.cli.add_command(broker_cli)

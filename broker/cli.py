@@ -1,0 +1,175 @@
+"""Operator commands: ``flask --app app broker ...`` (names and outputs are a stable interface)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from decimal import Decimal, InvalidOperation
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from broker import accounts, keys, migrations, pricing
+from broker.errors import BrokerError
+from broker.extensions import services
+
+broker_cli = AppGroup("broker", help="Operate the broker: accounts, keys, credits, ledger.")
+
+
+def _fail(error: BrokerError) -> None:
+    raise click.ClickException(error.message)
+
+
+@broker_cli.command("create-user")
+@click.argument("email")
+@click.option("--password", default=None, help="Password for dashboard log-in (optional).")
+def create_user(email: str, password: str | None) -> None:
+    """Create an account."""
+    try:
+        account = accounts.create_account(services().db(), email, password)
+    except BrokerError as error:
+        _fail(error)
+    click.echo(f"created account {account.id} for {account.email}")
+
+
+@broker_cli.command("create-key")
+@click.argument("email")
+@click.option("--name", default="", help="A name to tell the key apart.")
+def create_key(email: str, name: str) -> None:
+    """Create an API key; prints only the key (shown this once)."""
+    session = services().db()
+    try:
+        account = accounts.get_by_email(session, email)
+    except BrokerError as error:
+        _fail(error)
+    _, plain = keys.create_key(session, account, name)
+    click.echo(plain)
+
+
+@broker_cli.command("grant")
+@click.argument("email")
+@click.argument("credits")
+@click.option("--reason", default="operator grant", help="Why; stored in the ledger.")
+def grant(email: str, credits: str, reason: str) -> None:
+    """Add CREDITS (decimal allowed, up to 6 places) to an account."""
+    try:
+        amount = pricing.credits_to_ucr(Decimal(credits))
+    except (InvalidOperation, ValueError):
+        raise click.BadParameter("CREDITS must be a positive decimal with at most 6 places") from None
+    if amount <= 0:
+        raise click.BadParameter("CREDITS must be positive")
+    svc = services()
+    session = svc.db()
+    try:
+        account = accounts.get_by_email(session, email)
+    except BrokerError as error:
+        _fail(error)
+    balance = svc.ledger.grant(session, account.id, amount, f"cli-{uuid.uuid4().hex}", reason)
+    click.echo(
+        f"granted {pricing.format_credits(amount)} credits to {account.email}; balance {pricing.format_credits(balance)}"
+    )
+
+
+@broker_cli.command("balance")
+@click.argument("email")
+def balance(email: str) -> None:
+    """Print the available balance in credits."""
+    try:
+        account = accounts.get_by_email(services().db(), email)
+    except BrokerError as error:
+        _fail(error)
+    click.echo(pricing.format_credits(services().ledger.balance(account.id)))
+
+
+@broker_cli.command("reconcile")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Rebuild Redis balances and holds from the SQL ledger.",
+)
+def reconcile(repair: bool) -> None:
+    """Check the ledger invariant for every account; exit 1 if any mismatch remains."""
+    svc = services()
+    mismatches = svc.ledger.reconcile(svc.db(), repair=repair)
+    for mismatch in mismatches:
+        click.echo(str(mismatch))
+    if mismatches:
+        sys.exit(1)
+    click.echo("ledger consistent")
+
+
+@broker_cli.command("migrate")
+def migrate() -> None:
+    """Apply the database migrations (Alembic upgrade to head)."""
+    migrations.upgrade(current_app.config["DATABASE_URL"])
+    click.echo("database at head")
+
+
+@broker_cli.command("drain")
+def drain() -> None:
+    """Copy pending ledger entries from Redis into SQL now."""
+    svc = services()
+    click.echo(f"copied {svc.ledger.drain(svc.db())} entries")
+
+
+@broker_cli.command("reap")
+def reap() -> None:
+    """Release holds past their deadline now."""
+    for account_id, hold_id, amount in services().ledger.reap_expired():
+        click.echo(
+            f"released expired hold {hold_id} of account {account_id}: {pricing.format_credits(amount)} credits"
+        )
+
+
+DEMO_EMAIL = "demo@localhost"
+
+
+@broker_cli.command("dev")
+@click.option("--host", default="127.0.0.1")
+@click.option("--port", default=5000, type=int)
+def dev(host: str, port: int) -> None:
+    """Development: run web + worker on the embedded defaults and print a demo API key."""
+    app = current_app._get_current_object()
+    if app.config["BROKER_ENV"] != "development":
+        raise click.ClickException("broker dev runs only with BROKER_ENV=development")
+    svc = services()
+    session = svc.db()
+    try:
+        account = accounts.get_by_email(session, DEMO_EMAIL)
+    except BrokerError:
+        account = accounts.create_account(session, DEMO_EMAIL, source="demo")
+    demo_ucr = pricing.credits_to_ucr(app.config["DEMO_CREDITS"])
+    if svc.ledger.balance(account.id) < demo_ucr // 2:
+        svc.ledger.grant(
+            session,
+            account.id,
+            demo_ucr,
+            f"demo-{uuid.uuid4().hex}",
+            "dev demo credits",
+        )
+    _, plain = keys.create_key(session, account, "dev demo key")
+    env = dict(os.environ, REDIS_URL=svc.redis_url)
+    worker = subprocess.Popen([sys.executable, "worker.py"], env=env, cwd=str(_root()))
+    click.echo(
+        f"\n  AI API Broker (development) on http://{host}:{port}/\n"
+        f"  providers: {', '.join(sorted(svc.providers))}\n"
+        f"  demo API key ({pricing.format_credits(svc.ledger.balance(account.id))} credits, dev only):\n\n"
+        f"    {plain}\n\n"
+        f"  try: curl http://{host}:{port}/v1/chat/completions -H 'Authorization: Bearer {plain}' "
+        "-H 'Content-Type: application/json' "
+        '-d \'{"model": "demo/chat", "messages": [{"role": "user", "content": "Hello"}]}\'\n'
+    )
+    try:
+        app.run(host=host, port=port, threaded=True, use_reloader=False)
+    finally:
+        worker.terminate()
+        worker.wait(10)
+
+
+def _root():
+    from broker import ROOT
+
+    return ROOT

@@ -1,0 +1,159 @@
+"""API keys: generation with a checksum, hashing, creation, revocation and cached lookup.
+
+A key is ``brk_live_`` + 32 random base62 characters + a 6-character base62
+CRC32 of them. The prefix lets secret scanners find leaked keys; the checksum
+rejects mistyped or invented keys without a lookup. Only the SHA-256 of a key is
+stored. Lookups are cached in Redis; revoking deletes the cache entry at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import string
+import time
+import zlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from broker.errors import AuthenticationFailed, NotFound
+from broker.models import Account, ApiKey
+
+PREFIX = "brk_live_"
+BODY_LENGTH = 32
+CHECK_LENGTH = 6
+ALPHABET = string.digits + string.ascii_letters
+CACHE = "apikey:"
+LAST_USED = "apikey:last-used"
+
+
+def _base62(number: int, width: int) -> str:
+    chars = []
+    for _ in range(width):
+        number, digit = divmod(number, 62)
+        chars.append(ALPHABET[digit])
+    return "".join(reversed(chars))
+
+
+def _checksum(body: str) -> str:
+    return _base62(zlib.crc32(body.encode()), CHECK_LENGTH)
+
+
+def generate() -> str:
+    body = "".join(secrets.choice(ALPHABET) for _ in range(BODY_LENGTH))
+    return PREFIX + body + _checksum(body)
+
+
+def well_formed(key: str) -> bool:
+    """True when ``key`` has our prefix, length, alphabet and a matching checksum."""
+    if len(key) != len(PREFIX) + BODY_LENGTH + CHECK_LENGTH or not key.startswith(PREFIX):
+        return False
+    body, check = key[len(PREFIX) : -CHECK_LENGTH], key[-CHECK_LENGTH:]
+    return all(c in ALPHABET for c in body) and _checksum(body) == check
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def display_prefix(key: str) -> str:
+    return key[: len(PREFIX) + 6]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a valid key belongs to."""
+
+    account_id: int
+    key_id: int
+
+
+def create_key(
+    session: Session,
+    account: Account,
+    name: str = "",
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    """Create and commit a key; returns the row and the plain key, which is never stored."""
+    plain = generate()
+    row = ApiKey(
+        account_id=account.id,
+        name=name[:100],
+        prefix=display_prefix(plain),
+        key_hash=hash_key(plain),
+        expires_at=expires_at,
+    )
+    session.add(row)
+    session.commit()
+    return row, plain
+
+
+def revoke_key(session: Session, client: redis.Redis, account_id: int, key_id: int) -> ApiKey:
+    """Revoke one of the account's keys, effective at once; ``NotFound`` for anyone else's."""
+    row = session.get(ApiKey, key_id)
+    if row is None or row.account_id != account_id:
+        raise NotFound("No such API key.", param="key_id")
+    if row.revoked_at is None:
+        row.revoked_at = datetime.now(UTC)
+        session.commit()
+    client.delete(CACHE + row.key_hash)
+    return row
+
+
+def authenticate(client: redis.Redis, session_factory, key: str | None, cache_seconds: int) -> Caller:
+    """The caller a key belongs to, or ``AuthenticationFailed``.
+
+    One Redis GET when cached; the SQL lookup (and caching) happens only on a miss.
+    The cache stores "account:key:expiry" or "-" for a well-formed key that matched
+    nothing, so guessing costs no SQL either.
+    """
+    if not key:
+        raise AuthenticationFailed(
+            "Missing API key. Send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.",
+            code="missing_api_key",
+        )
+    if not well_formed(key):
+        raise AuthenticationFailed("Invalid API key.")
+    digest = hash_key(key)
+    cached = client.get(CACHE + digest)
+    if cached is None:
+        cached = _lookup(session_factory, digest)
+        client.set(CACHE + digest, cached, ex=cache_seconds)
+    if cached == "-":
+        raise AuthenticationFailed("Invalid API key.")
+    account_id, key_id, expires = cached.split(":")
+    if expires and float(expires) <= time.time():
+        raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
+    return Caller(int(account_id), int(key_id))
+
+
+def _lookup(session_factory, digest: str) -> str:
+    session = session_factory()
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
+    if row is None or row.revoked_at is not None:
+        return "-"
+    expires = row.expires_at
+    if expires is not None and expires.tzinfo is None:
+        expires = expires.replace(tzinfo=UTC)
+    return f"{row.account_id}:{row.id}:{expires.timestamp() if expires else ''}"
+
+
+def stamp_last_used(pipe, caller: Caller) -> None:
+    """Queue a last-used stamp on a pipeline; ``flush_last_used`` moves them to SQL."""
+    pipe.hset(LAST_USED, str(caller.key_id), str(int(time.time())))
+
+
+def flush_last_used(session: Session, client: redis.Redis) -> int:
+    stamps = client.hgetall(LAST_USED)
+    for key_id, ts in stamps.items():
+        row = session.get(ApiKey, int(key_id))
+        if row is not None:
+            row.last_used_at = datetime.fromtimestamp(int(ts), UTC)
+    session.commit()
+    if stamps:
+        client.hdel(LAST_USED, *stamps.keys())
+    return len(stamps)

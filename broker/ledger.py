@@ -1,0 +1,481 @@
+"""Every change of a balance: grant, hold, settle, release, expire, debit, drain and reconcile.
+
+Balances live in Redis as integer micro-credits and change only inside the Lua
+scripts of ``ledger_scripts``; each hot-path change appends an entry to the
+account's Redis stream, which ``drain`` copies into SQL ``ledger_entries`` (unique
+by entry id, so replays are harmless). Grants are written to SQL first, then
+applied in Redis, so a purchase is never lost even if Redis is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from broker import ledger_scripts
+from broker.models import Account, LedgerEntry, UsageRecord
+
+log = logging.getLogger(__name__)
+
+DIRTY = "ledger:dirty"
+EXPIRY = "ledger:hold-expiry"
+MARKER_TTL = 30 * 24 * 3600
+DRAIN_BATCH = 500
+
+
+def keys_of(account_id: int) -> dict[str, str]:
+    tag = f"{{acct:{account_id}}}"
+    return {
+        "bal": f"{tag}:bal",
+        "held": f"{tag}:held",
+        "holds": f"{tag}:holds",
+        "log": f"{tag}:log",
+        "tag": tag,
+    }
+
+
+@dataclass
+class Hold:
+    ok: bool
+    amount: int
+    max_tokens: int
+    balance: int
+
+
+@dataclass
+class HoldEnd:
+    """Outcome of settling, releasing or expiring a hold.
+
+    ``status``: ``ended`` (this call ended it), ``replay`` (it had already ended;
+    ``charged`` is what was charged then) or ``unknown`` (no such hold).
+    """
+
+    status: str
+    charged: int
+    balance: int
+
+
+@dataclass
+class Mismatch:
+    account_id: int
+    what: str
+
+    def __str__(self) -> str:
+        return f"account {self.account_id}: {self.what}"
+
+
+def _now_ms() -> str:
+    return str(int(time.time() * 1000))
+
+
+class Ledger:
+    """The ledger over one Redis connection; SQL sessions are passed in by the caller."""
+
+    def __init__(self, client: redis.Redis, hold_ttl: int = 3600) -> None:
+        self.redis = client
+        self.hold_ttl = hold_ttl
+        self._sources = {
+            "hold": ledger_scripts.HOLD,
+            "end": ledger_scripts.END,
+            "grant": ledger_scripts.GRANT,
+            "debit": ledger_scripts.DEBIT,
+            "snapshot": ledger_scripts.SNAPSHOT,
+            "repair": ledger_scripts.REPAIR,
+        }
+        self._shas = {name: self._sha(src) for name, src in self._sources.items()}
+
+    @staticmethod
+    def _sha(source: str) -> str:
+        import hashlib
+
+        return hashlib.sha1(source.encode()).hexdigest()
+
+    def _pipeline_run(self, build) -> list:
+        """Run one pipelined round trip; load the scripts and retry once on NOSCRIPT.
+
+        Retrying is safe: a NOSCRIPT reply means the script did not run, and the
+        other commands in these pipelines are idempotent.
+        """
+        for attempt in (1, 2):
+            pipe = self.redis.pipeline(transaction=False)
+            build(pipe)
+            results = pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                break
+            if attempt == 1:
+                for source in self._sources.values():
+                    self.redis.script_load(source)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    def _evalsha(self, pipe, name: str, keys: list[str], args: list) -> None:
+        pipe.evalsha(self._shas[name], len(keys), *keys, *args)
+
+    def _run(self, name: str, keys: list[str], args: list) -> list:
+        return self._pipeline_run(lambda p: self._evalsha(p, name, keys, args))[0]
+
+    # -- the hot path ---------------------------------------------------------
+
+    def hold(
+        self,
+        account_id: int,
+        hold_id: str,
+        fixed_ucr: int,
+        ucr_per_token: int,
+        requested_tokens: int,
+        max_tokens: int,
+        ttl: int | None = None,
+    ) -> Hold:
+        """Reserve ``fixed + tokens × ucr_per_token`` if the balance affords it.
+
+        With ``requested_tokens`` 0 the token count is the most the balance affords,
+        at most ``max_tokens``. One round trip: the expiry entry, the dirty flag and
+        the script are pipelined.
+        """
+        k = keys_of(account_id)
+        deadline = time.time() + (ttl or self.hold_ttl)
+
+        def build(pipe) -> None:
+            self._evalsha(
+                pipe,
+                "hold",
+                [k["bal"], k["held"], k["holds"], k["log"]],
+                [
+                    hold_id,
+                    fixed_ucr,
+                    ucr_per_token,
+                    requested_tokens,
+                    max_tokens,
+                    _now_ms(),
+                ],
+            )
+            pipe.zadd(EXPIRY, {f"{account_id}|{hold_id}": deadline})
+            pipe.sadd(DIRTY, account_id)
+
+        ok, balance, amount, tokens = self._pipeline_run(build)[0]
+        if not ok:
+            self.redis.zrem(EXPIRY, f"{account_id}|{hold_id}")
+        return Hold(bool(ok), int(amount), int(tokens), int(balance))
+
+    def end_hold(
+        self,
+        account_id: int,
+        hold_id: str,
+        charge_ucr: int,
+        receipt: dict,
+        kind: str = "settle",
+        extra=None,
+    ) -> HoldEnd:
+        """Charge ``min(charge, hold)`` and return the rest; idempotent by hold id.
+
+        ``extra(pipe)`` may add commands (e.g. a key's last-used stamp) to the same
+        round trip.
+        """
+        k = keys_of(account_id)
+
+        def build(pipe) -> None:
+            self._evalsha(
+                pipe,
+                "end",
+                [
+                    k["bal"],
+                    k["held"],
+                    k["holds"],
+                    k["log"],
+                    f"{k['tag']}:end:{hold_id}",
+                ],
+                [hold_id, charge_ucr, kind, _now_ms(), json.dumps(receipt), MARKER_TTL],
+            )
+            pipe.zrem(EXPIRY, f"{account_id}|{hold_id}")
+            pipe.sadd(DIRTY, account_id)
+            if extra:
+                extra(pipe)
+
+        code, charged, balance = self._pipeline_run(build)[0]
+        status = {1: "ended", 2: "replay", 3: "unknown"}[code]
+        return HoldEnd(status, int(charged), int(balance))
+
+    def release(self, account_id: int, hold_id: str, receipt: dict, extra=None) -> HoldEnd:
+        return self.end_hold(account_id, hold_id, 0, receipt, kind="release", extra=extra)
+
+    def balance(self, account_id: int) -> int:
+        return int(self.redis.get(keys_of(account_id)["bal"]) or 0)
+
+    # -- money in and out -----------------------------------------------------
+
+    def grant(
+        self,
+        session: Session,
+        account_id: int,
+        amount_ucr: int,
+        grant_id: str,
+        reason: str,
+    ) -> int:
+        """Add credits exactly once per ``grant_id``: SQL entry first, then Redis.
+
+        If Redis fails after the SQL commit, ``reconcile --repair`` applies the grant.
+        Returns the balance after.
+        """
+        if amount_ucr <= 0:
+            raise ValueError("a grant must be positive")
+        entry_id = f"grant:{grant_id}"
+        self._insert_entries(
+            session,
+            [
+                {
+                    "entry_id": entry_id,
+                    "account_id": account_id,
+                    "kind": "grant",
+                    "total_delta": amount_ucr,
+                    "held_delta": 0,
+                    "hold_id": None,
+                    "reason": reason[:200],
+                    "created_at": datetime.now(UTC),
+                }
+            ],
+        )
+        session.commit()
+        k = keys_of(account_id)
+        _, balance = self._run(
+            "grant",
+            [k["bal"], f"{k['tag']}:grant:{grant_id}"],
+            [amount_ucr, MARKER_TTL],
+        )
+        return int(balance)
+
+    def debit(self, account_id: int, amount_ucr: int, debit_id: str, reason: str) -> tuple[int, int]:
+        """Take back up to ``amount_ucr`` (never below zero), once per ``debit_id``.
+
+        Returns (taken, balance after); the entry reaches SQL through the stream.
+        """
+        k = keys_of(account_id)
+
+        def build(pipe) -> None:
+            self._evalsha(
+                pipe,
+                "debit",
+                [k["bal"], k["log"], f"{k['tag']}:debit:{debit_id}"],
+                [debit_id, amount_ucr, _now_ms(), reason[:200], MARKER_TTL],
+            )
+            pipe.sadd(DIRTY, account_id)
+
+        _, taken, balance = self._pipeline_run(build)[0]
+        return int(taken), int(balance)
+
+    # -- housekeeping -----------------------------------------------------------
+
+    def reap_expired(self, now: float | None = None, limit: int = 500) -> list[tuple[int, str, int]]:
+        """Release every hold past its deadline; returns (account, hold id, amount) of each."""
+        due = self.redis.zrangebyscore(EXPIRY, "-inf", now or time.time(), start=0, num=limit)
+        reaped = []
+        for member in due:
+            account, _, hold_id = member.partition("|")
+            amount = self.redis.hget(keys_of(int(account))["holds"], hold_id)
+            receipt = {
+                "request_id": hold_id,
+                "status": "expired",
+                "error_code": "hold_expired",
+            }
+            ended = self.end_hold(int(account), hold_id, 0, receipt, kind="expire")
+            if ended.status == "ended":
+                log.warning(
+                    "hold expired",
+                    extra={
+                        "account_id": account,
+                        "hold_id": hold_id,
+                        "amount_ucr": amount,
+                    },
+                )
+                reaped.append((int(account), hold_id, int(amount or 0)))
+            self.redis.zrem(EXPIRY, member)
+        return reaped
+
+    def drain(self, session: Session, account_ids: list[int] | None = None) -> int:
+        """Copy stream entries into SQL, then delete them from the stream.
+
+        Safe to run concurrently and repeatedly: rows are unique by entry id and
+        request id. The dirty flag is cleared before reading, so an entry written
+        during the drain either is read now or leaves the flag set.
+        """
+        if account_ids is None:
+            account_ids = [int(a) for a in self.redis.smembers(DIRTY)]
+        copied = 0
+        for account_id in account_ids:
+            self.redis.srem(DIRTY, account_id)
+            stream = keys_of(account_id)["log"]
+            while entries := self.redis.xrange(stream, count=DRAIN_BATCH):
+                self._copy(session, account_id, entries)
+                session.commit()
+                self.redis.xdel(stream, *[entry_id for entry_id, _ in entries])
+                copied += len(entries)
+        return copied
+
+    def _copy(self, session: Session, account_id: int, entries: list) -> None:
+        rows, receipts = [], []
+        for _, fields in entries:
+            created = datetime.fromtimestamp(int(fields["ts"]) / 1000, UTC)
+            rows.append(
+                {
+                    "entry_id": fields["e"],
+                    "account_id": account_id,
+                    "kind": fields["k"],
+                    "total_delta": int(fields["t"]),
+                    "held_delta": int(fields["h"]),
+                    "hold_id": fields.get("hid") or None,
+                    "reason": fields.get("why", ""),
+                    "created_at": created,
+                }
+            )
+            if "r" in fields:
+                receipts.append(_usage_row(account_id, json.loads(fields["r"]), int(fields["t"]), created))
+        self._insert_entries(session, rows)
+        if receipts:
+            _insert_ignore(session, UsageRecord, receipts, "request_id")
+
+    @staticmethod
+    def _insert_entries(session: Session, rows: list[dict]) -> None:
+        _insert_ignore(session, LedgerEntry, rows, "entry_id")
+
+    # -- invariant L ------------------------------------------------------------
+
+    def snapshot(self, account_id: int) -> dict:
+        k = keys_of(account_id)
+        raw = self._run("snapshot", [k["bal"], k["held"], k["holds"], k["log"]], [])
+        holds = {raw[i]: int(raw[i + 1]) for i in range(4, len(raw), 2)}
+        return {
+            "balance": int(raw[0]),
+            "held": int(raw[1]),
+            "holds_sum": int(raw[2]),
+            "stream": int(raw[3]),
+            "holds": holds,
+        }
+
+    def reconcile(self, session: Session, repair: bool = False) -> list[Mismatch]:
+        """Check invariant L for every account; with ``repair`` rebuild Redis from SQL.
+
+        Repair releases (in SQL) holds that Redis no longer has, records holds that
+        SQL missed, and sets each balance to Σ ledger − open holds. Returns the
+        mismatches that remain.
+        """
+        account_ids = list(session.scalars(select(Account.id)))
+        self.drain(session, account_ids)
+        mismatches = []
+        for account_id in account_ids:
+            found = self._check(session, account_id)
+            if found and repair:
+                self._repair(session, account_id)
+                found = self._check(session, account_id)
+            mismatches.extend(found)
+        return mismatches
+
+    def _sql_state(self, session: Session, account_id: int) -> tuple[int, dict[str, int]]:
+        total = session.scalar(
+            select(func.coalesce(func.sum(LedgerEntry.total_delta), 0)).where(
+                LedgerEntry.account_id == account_id
+            )
+        )
+        held = session.execute(
+            select(LedgerEntry.hold_id, func.sum(LedgerEntry.held_delta))
+            .where(LedgerEntry.account_id == account_id, LedgerEntry.hold_id.is_not(None))
+            .group_by(LedgerEntry.hold_id)
+        )
+        open_holds = {hold_id: int(amount) for hold_id, amount in held if amount}
+        return int(total), open_holds
+
+    def _check(self, session: Session, account_id: int) -> list[Mismatch]:
+        snap = self.snapshot(account_id)
+        if snap["stream"]:
+            self.drain(session, [account_id])
+            snap = self.snapshot(account_id)
+        total, open_holds = self._sql_state(session, account_id)
+        found = []
+
+        def bad(what: str) -> None:
+            found.append(Mismatch(account_id, what))
+
+        if snap["balance"] < 0:
+            bad(f"negative balance {snap['balance']} µcr")
+        if snap["held"] != snap["holds_sum"]:
+            bad(f"held counter {snap['held']} µcr != sum of open holds {snap['holds_sum']} µcr")
+        if snap["balance"] + snap["holds_sum"] != total:
+            bad(
+                f"Redis balance {snap['balance']} + holds {snap['holds_sum']} µcr != ledger total {total} µcr"
+            )
+        if snap["holds"] != open_holds:
+            bad(f"open holds differ: Redis {snap['holds']} vs ledger {open_holds}")
+        return found
+
+    def _repair(self, session: Session, account_id: int) -> None:
+        snap = self.snapshot(account_id)
+        _, open_holds = self._sql_state(session, account_id)
+        now = datetime.now(UTC)
+        rows = []
+        for hold_id, amount in open_holds.items():
+            if hold_id not in snap["holds"]:
+                rows.append(_repair_row(account_id, f"end:{hold_id}", "release", -amount, hold_id, now))
+        for hold_id, amount in snap["holds"].items():
+            if hold_id not in open_holds:
+                rows.append(_repair_row(account_id, f"hold:{hold_id}", "hold", amount, hold_id, now))
+        self._insert_entries(session, rows)
+        session.commit()
+        total, _ = self._sql_state(session, account_id)
+        k = keys_of(account_id)
+        result = self._run("repair", [k["bal"], k["held"], k["holds"], k["log"]], [total])
+        if not result[0]:
+            self.drain(session, [account_id])
+            self._run("repair", [k["bal"], k["held"], k["holds"], k["log"]], [total])
+        log.warning(
+            "ledger repaired",
+            extra={"account_id": account_id, "ledger_total_ucr": total},
+        )
+
+
+def _repair_row(account_id: int, entry_id: str, kind: str, held: int, hold_id: str, now: datetime) -> dict:
+    return {
+        "entry_id": entry_id,
+        "account_id": account_id,
+        "kind": kind,
+        "total_delta": 0,
+        "held_delta": held,
+        "hold_id": hold_id,
+        "reason": "reconcile --repair",
+        "created_at": now,
+    }
+
+
+RECEIPT_FIELDS = {c.name for c in UsageRecord.__table__.columns} - {
+    "id",
+    "account_id",
+    "charged_ucr",
+}
+
+
+def _usage_row(account_id: int, receipt: dict, total_delta: int, created: datetime) -> dict:
+    row = {name: receipt[name] for name in RECEIPT_FIELDS if name in receipt}
+    row.setdefault("provider", "")
+    row.setdefault("model", "")
+    row.setdefault("status", "ok")
+    for stamp in ("started_at", "finished_at"):
+        row[stamp] = datetime.fromisoformat(row[stamp]) if stamp in row else created
+    row["account_id"] = account_id
+    row["charged_ucr"] = -total_delta
+    return row
+
+
+def _insert_ignore(session: Session, model, rows: list[dict], unique: str) -> None:
+    """Insert rows, skipping any whose unique column already exists (replays)."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+    session.execute(insert(model).on_conflict_do_nothing(index_elements=[unique]), rows)

@@ -1,0 +1,111 @@
+"""The small interface every chat provider adapter implements, and the shapes it speaks.
+
+Adapters translate an OpenAI-shaped chat call to the provider's wire format and back.
+They never import Flask and never touch money: they only report the provider's own
+usage numbers in a provider-neutral ``Usage``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol, Union
+
+
+@dataclass
+class Usage:
+    """Token counts as the provider billed them, split by price class.
+
+    ``input_tokens`` excludes cache reads and writes; ``output_tokens`` includes
+    reasoning / thinking tokens.
+    """
+
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return (
+            self.input_tokens
+            + self.cached_input_tokens
+            + self.cache_write_tokens
+            + self.cache_write_1h_tokens
+        )
+
+
+@dataclass
+class ChatCall:
+    """One chat request, already validated, in OpenAI's vocabulary.
+
+    ``model`` is the upstream model id without the ``provider/`` prefix.
+    ``max_tokens`` is the effective maximum the broker holds credits for; adapters
+    must send it upstream so the provider can never bill beyond the hold.
+    ``extra`` holds further OpenAI fields that the OpenAI adapter passes through.
+    """
+
+    model: str
+    messages: list[dict]
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    n: int = 1
+    user: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Choice:
+    index: int
+    content: str
+    finish_reason: str | None
+
+
+@dataclass
+class ChatResult:
+    id: str
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+@dataclass
+class TextDelta:
+    index: int
+    text: str
+
+
+@dataclass
+class Finish:
+    index: int
+    reason: str
+
+
+@dataclass
+class UsageReport:
+    """The provider's usage so far; the last one in a stream is the total."""
+
+    usage: Usage
+
+
+StreamEvent = Union[TextDelta, Finish, UsageReport]
+
+
+class ChatProvider(Protocol):
+    name: str
+
+    def complete(self, call: ChatCall) -> ChatResult:
+        """Run a non-streamed call; raise an ``UpstreamError`` subclass on failure."""
+        ...
+
+    def stream(self, call: ChatCall) -> Iterator[StreamEvent]:
+        """Yield events as they arrive.
+
+        Before the first event a failure raises an ``UpstreamError`` subclass other
+        than ``UpstreamStreamBroken``; after it, ``UpstreamStreamBroken``. Closing
+        the generator closes the upstream connection.
+        """
+        ...

@@ -1,0 +1,74 @@
+"""Configuration from the environment (and a `.env` file): the only module that reads os.environ."""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+ROOT = Path(__file__).resolve().parent
+
+ENVIRONMENTS = ("development", "production", "testing")
+
+
+def _bool(value: str | None, default: bool = False) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def load(overrides: dict | None = None) -> dict:
+    """Build the Flask config mapping from the environment, then apply ``overrides``.
+
+    Every setting and its default is listed here and in the README. Production
+    fails fast without ``SECRET_KEY`` and never starts an embedded Redis.
+    """
+    load_dotenv(ROOT / ".env", override=False)
+    env = os.environ.get
+    broker_env = (overrides or {}).get("BROKER_ENV") or env("BROKER_ENV", "development")
+    if broker_env not in ENVIRONMENTS:
+        raise RuntimeError(f"BROKER_ENV must be one of {', '.join(ENVIRONMENTS)}")
+    instance = Path(env("INSTANCE_PATH", str(ROOT / "instance")))
+    config = {
+        "BROKER_ENV": broker_env,
+        "INSTANCE_PATH": str(instance),
+        "SECRET_KEY": env("SECRET_KEY", ""),
+        "DATABASE_URL": env("DATABASE_URL", f"sqlite:///{instance / 'broker.db'}"),
+        # Unset: development starts an embedded Redis-compatible server under instance/.
+        "REDIS_URL": env("REDIS_URL", ""),
+        "MARKUP": Decimal(env("MARKUP", "1.8")),
+        "CREDIT_USD": Decimal(env("CREDIT_USD", "0.01")),
+        "PRICES_FILE": env("PRICES_FILE", str(ROOT / "broker" / "prices.json")),
+        "MAX_CONTENT_LENGTH": int(env("MAX_CONTENT_LENGTH", str(1024 * 1024))),
+        "HOLD_TTL_SECONDS": int(env("HOLD_TTL_SECONDS", "900")),
+        "KEY_CACHE_SECONDS": int(env("KEY_CACHE_SECONDS", "300")),
+        "DEMO_CREDITS": Decimal(env("DEMO_CREDITS", "1000")),
+        "UPSTREAM_CONNECT_TIMEOUT": float(env("UPSTREAM_CONNECT_TIMEOUT", "5")),
+        "UPSTREAM_READ_TIMEOUT": float(env("UPSTREAM_READ_TIMEOUT", "120")),
+        "UPSTREAM_RETRIES": int(env("UPSTREAM_RETRIES", "2")),
+        "OPENAI_BASE_URL": env("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+        "OPENAI_API_KEY": env("OPENAI_API_KEY", ""),
+        "ANTHROPIC_BASE_URL": env("ANTHROPIC_BASE_URL", "https://api.anthropic.com"),
+        "ANTHROPIC_API_KEY": env("ANTHROPIC_API_KEY", ""),
+        "GEMINI_BASE_URL": env("GEMINI_BASE_URL", "https://generativelanguage.googleapis.com"),
+        "GOOGLE_API_KEY": env("GOOGLE_API_KEY", ""),
+        # The demo provider is on when no provider key is set, or when DEMO_PROVIDER=1.
+        "DEMO_PROVIDER": env("DEMO_PROVIDER", ""),
+        "LOG_LEVEL": env("LOG_LEVEL", "INFO"),
+        "EMBEDDED_REDIS_PORT": int(env("EMBEDDED_REDIS_PORT", "6390")),
+    }
+    config.update(overrides or {})
+    if config["BROKER_ENV"] == "production":
+        if not config["SECRET_KEY"]:
+            raise RuntimeError("SECRET_KEY must be set when BROKER_ENV=production")
+        if not config["REDIS_URL"]:
+            raise RuntimeError("REDIS_URL must be set when BROKER_ENV=production")
+    elif not config["SECRET_KEY"]:
+        config["SECRET_KEY"] = "dev-only-insecure-secret"
+    provider_keys = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY")
+    no_keys = not any(config[k] for k in provider_keys)
+    config["DEMO_PROVIDER"] = _bool(str(config["DEMO_PROVIDER"]), default=no_keys)
+    config["TESTING"] = config["BROKER_ENV"] == "testing"
+    return config

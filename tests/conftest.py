@@ -1,0 +1,136 @@
+"""Fixtures: a real Redis-compatible server, a migrated SQLite database per test, fake upstreams, live HTTP."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+
+import pytest
+import redis
+from werkzeug.serving import make_server
+
+from broker import accounts, create_app, keys, migrations, pricing
+from broker.embedded_redis import EmbeddedRedis
+from broker.extensions import services
+from tests.fakes.upstreams import FakeUpstream
+
+PROVIDER_KEYS = {
+    "OPENAI_API_KEY": "sk-test-openai-secret-0001",
+    "ANTHROPIC_API_KEY": "sk-ant-test-secret-0002",
+    "GOOGLE_API_KEY": "AIza-test-secret-0003",
+}
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    fake = FakeUpstream().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory):
+    path = tmp_path_factory.mktemp("db") / "template.db"
+    migrations.upgrade(f"sqlite:///{path}")
+    return path
+
+
+def app_config(tmp_path, redis_url: str, upstream: FakeUpstream, db_url: str) -> dict:
+    return {
+        "BROKER_ENV": "testing",
+        "SECRET_KEY": "test-secret",
+        "INSTANCE_PATH": str(tmp_path / "instance"),
+        "DATABASE_URL": db_url,
+        "REDIS_URL": redis_url,
+        "OPENAI_BASE_URL": upstream.openai_base,
+        "ANTHROPIC_BASE_URL": upstream.anthropic_base,
+        "GEMINI_BASE_URL": upstream.gemini_base,
+        "DEMO_PROVIDER": True,
+        "MARKUP": Decimal("1.8"),
+        "CREDIT_USD": Decimal("0.01"),
+        "UPSTREAM_RETRIES": 2,
+        "UPSTREAM_CONNECT_TIMEOUT": 2.0,
+        "UPSTREAM_READ_TIMEOUT": 2.0,
+        **PROVIDER_KEYS,
+    }
+
+
+@pytest.fixture
+def app(tmp_path, redis_server, upstream, migrated_db):
+    shutil.copy(migrated_db, tmp_path / "broker.db")
+    redis.Redis(port=redis_server.port).flushall()
+    upstream.reset()
+    app = create_app(app_config(tmp_path, redis_server.url, upstream, f"sqlite:///{tmp_path / 'broker.db'}"))
+    with app.app_context():
+        yield app
+    services_ = app.extensions["broker"]
+    services_.db.remove()
+    services_.engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def live_server(app):
+    """The app on a real socket (threaded), for SDK clients and concurrency tests."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(5)
+
+
+@dataclass
+class Tenant:
+    """An account with one API key, for tests."""
+
+    account_id: int
+    email: str
+    key: str
+    key_id: int
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def make_tenant(credits: str = "100") -> Tenant:
+    svc = services()
+    session = svc.db()
+    account = accounts.create_account(session, f"user-{uuid.uuid4().hex[:8]}@example.com")
+    row, plain = keys.create_key(session, account, "test")
+    amount = pricing.credits_to_ucr(Decimal(credits))
+    if amount:
+        svc.ledger.grant(session, account.id, amount, f"test-{uuid.uuid4().hex}", "test credits")
+    return Tenant(account.id, account.email, plain, row.id)
+
+
+@pytest.fixture
+def tenant(app) -> Tenant:
+    return make_tenant()
+
+
+def assert_invariant(app) -> None:
+    """Invariant L (DESIGN.md) for every account, after draining."""
+    svc = app.extensions["broker"]
+    mismatches = svc.ledger.reconcile(svc.db())
+    assert mismatches == [], [str(m) for m in mismatches]
