@@ -22,9 +22,9 @@ from itertools import chain
 
 from broker import pricing
 from broker.errors import (
+    BrokerError,
     InsufficientCredits,
     InvalidRequest,
-    UpstreamError,
     UpstreamStreamBroken,
 )
 from broker.keys import Caller, stamp_last_used
@@ -132,6 +132,8 @@ def start(
                 param=name,
                 code="unsupported_parameter",
             )
+    if price.provider == "anthropic" and req.n > 1:
+        raise InvalidRequest("Anthropic models return one choice: n must be 1.", param="n")
     requested = req.requested_max_tokens
     if requested and requested > price.max_output_tokens:
         raise InvalidRequest(
@@ -140,6 +142,7 @@ def start(
         )
     messages = [msg.model_dump(exclude_none=True) for msg in req.messages]
     bound, prompt_text = input_token_bound(messages)
+    bound += pricing.text_token_bound(json.dumps(req.passthrough())) if req.passthrough() else 0
     fixed = int((bound * _rate(price.max_input_rate, m)).to_integral_value(rounding="ROUND_CEILING"))
     per_token = pricing.ucr_per_token(price.output, m.markup, m.credit_usd) * req.n
     hold = m.ledger.hold(
@@ -187,7 +190,7 @@ def _insufficient(balance: int, needed: int) -> InsufficientCredits:
     )
 
 
-def _release(m: Metering, ctx: _Call, error: UpstreamError) -> None:
+def _release(m: Metering, ctx: _Call, error: BrokerError) -> None:
     receipt = _receipt(m, ctx, Usage(), Decimal(0), "error", estimated=False)
     receipt["error_code"] = error.code
     m.ledger.release(ctx.caller.account_id, ctx.request_id, receipt)
@@ -196,7 +199,7 @@ def _release(m: Metering, ctx: _Call, error: UpstreamError) -> None:
 def _complete(m: Metering, ctx: _Call, provider: ChatProvider) -> ChatResponse:
     try:
         result = provider.complete(ctx.call)
-    except UpstreamError as error:
+    except BrokerError as error:
         _release(m, ctx, error)
         raise
     delivered = "".join(choice.content for choice in result.choices)
@@ -318,7 +321,7 @@ def _start_stream(m: Metering, ctx: _Call, provider: ChatProvider) -> ChatRespon
     events = provider.stream(ctx.call)
     try:
         first = next(events, None)
-    except UpstreamError as error:
+    except BrokerError as error:
         events.close()
         _release(m, ctx, error)
         raise
@@ -346,21 +349,13 @@ def _relay(m: Metering, ctx: _Call, events, upstream) -> Iterator[str]:
     settled = False
     try:
         for index in range(ctx.call.n):
-            yield (
-                prefix
-                + f'{{"index":{index},"delta":{{"role":"assistant","content":""}},"finish_reason":null}}]}}\n\n'
-            )
+            yield _choice_chunk(prefix, index, '{"role":"assistant","content":""}')
         for event in events:
             if isinstance(event, TextDelta):
                 delivered.append(event.text)
-                yield (
-                    prefix
-                    + f'{{"index":{event.index},"delta":{{"content":{json.dumps(event.text)}}},"finish_reason":null}}]}}\n\n'
-                )
+                yield _choice_chunk(prefix, event.index, '{"content":' + json.dumps(event.text) + "}")
             elif isinstance(event, Finish):
-                yield (
-                    prefix + f'{{"index":{event.index},"delta":{{}},"finish_reason":"{event.reason}"}}]}}\n\n'
-                )
+                yield _choice_chunk(prefix, event.index, "{}", json.dumps(event.reason))
             elif isinstance(event, UsageReport):
                 usage = event.usage
         billable, estimated = _billable_usage(ctx, usage, "".join(delivered), finished=True)
@@ -379,6 +374,10 @@ def _relay(m: Metering, ctx: _Call, events, upstream) -> Iterator[str]:
             billable, _ = _billable_usage(ctx, usage, "".join(delivered), finished=False)
             _settle(m, ctx, billable, True, "partial", True, "client_disconnected")
         upstream.close()
+
+
+def _choice_chunk(prefix: str, index: int, delta: str, finish: str = "null") -> str:
+    return f'{prefix}{{"index":{index},"delta":{delta},"finish_reason":{finish}}}]}}\n\n'
 
 
 def _usage_chunk(prefix: str, usage: Usage, charged: int) -> str:

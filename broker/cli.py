@@ -68,9 +68,8 @@ def grant(email: str, credits: str, reason: str) -> None:
     except BrokerError as error:
         _fail(error)
     balance = svc.ledger.grant(session, account.id, amount, f"cli-{uuid.uuid4().hex}", reason)
-    click.echo(
-        f"granted {pricing.format_credits(amount)} credits to {account.email}; balance {pricing.format_credits(balance)}"
-    )
+    granted, now = pricing.format_credits(amount), pricing.format_credits(balance)
+    click.echo(f"granted {granted} credits to {account.email}; balance {now}")
 
 
 @broker_cli.command("balance")
@@ -119,9 +118,7 @@ def drain() -> None:
 def reap() -> None:
     """Release holds past their deadline now."""
     for account_id, hold_id, amount in services().ledger.reap_expired():
-        click.echo(
-            f"released expired hold {hold_id} of account {account_id}: {pricing.format_credits(amount)} credits"
-        )
+        click.echo(f"released expired hold {hold_id} of account {account_id}: {pricing.format_credits(amount)} credits")
 
 
 DEMO_EMAIL = "demo@localhost"

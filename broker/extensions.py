@@ -46,9 +46,7 @@ def redis_url(config: dict) -> str:
     if config["REDIS_URL"]:
         return config["REDIS_URL"]
     data_dir = Path(config["INSTANCE_PATH"]) / "redis"
-    return embedded_redis.ensure_running(
-        data_dir, int(config.get("EMBEDDED_REDIS_PORT", EMBEDDED_REDIS_PORT))
-    )
+    return embedded_redis.ensure_running(data_dir, int(config.get("EMBEDDED_REDIS_PORT", EMBEDDED_REDIS_PORT)))
 
 
 def build_providers(config: dict) -> dict[str, ChatProvider]:

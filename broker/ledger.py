@@ -380,9 +380,7 @@ class Ledger:
 
     def _sql_state(self, session: Session, account_id: int) -> tuple[int, dict[str, int]]:
         total = session.scalar(
-            select(func.coalesce(func.sum(LedgerEntry.total_delta), 0)).where(
-                LedgerEntry.account_id == account_id
-            )
+            select(func.coalesce(func.sum(LedgerEntry.total_delta), 0)).where(LedgerEntry.account_id == account_id)
         )
         held = session.execute(
             select(LedgerEntry.hold_id, func.sum(LedgerEntry.held_delta))
@@ -408,9 +406,7 @@ class Ledger:
         if snap["held"] != snap["holds_sum"]:
             bad(f"held counter {snap['held']} µcr != sum of open holds {snap['holds_sum']} µcr")
         if snap["balance"] + snap["holds_sum"] != total:
-            bad(
-                f"Redis balance {snap['balance']} + holds {snap['holds_sum']} µcr != ledger total {total} µcr"
-            )
+            bad(f"Redis balance {snap['balance']} + holds {snap['holds_sum']} µcr != ledger total {total} µcr")
         if snap["holds"] != open_holds:
             bad(f"open holds differ: Redis {snap['holds']} vs ledger {open_holds}")
         return found

@@ -79,8 +79,7 @@ class PriceTable:
         price = self.models.get(name) or self.models.get(self._bare.get(name, ""))
         if price is None or (providers is not None and price.provider not in providers):
             raise NotFound(
-                f"The model '{name}' does not exist or is not available. "
-                "GET /v1/models lists the models you can use.",
+                f"The model '{name}' does not exist or is not available. GET /v1/models lists the models you can use.",
                 param="model",
                 code="model_not_found",
             )

@@ -49,16 +49,12 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(redis.RedisError)
     def _redis_down(error: redis.RedisError) -> Response:
         log.error("redis unavailable", extra={"error": type(error).__name__})
-        return error_response(
-            ServiceUnavailable("The service is temporarily unavailable; nothing was charged.")
-        )
+        return error_response(ServiceUnavailable("The service is temporarily unavailable; nothing was charged."))
 
     @app.errorhandler(sqlalchemy.exc.OperationalError)
     def _database_down(error: sqlalchemy.exc.OperationalError) -> Response:
         log.error("database unavailable", extra={"error": type(error).__name__})
-        return error_response(
-            ServiceUnavailable("The service is temporarily unavailable; nothing was charged.")
-        )
+        return error_response(ServiceUnavailable("The service is temporarily unavailable; nothing was charged."))
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):

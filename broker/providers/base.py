@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Protocol
 
 
 @dataclass
@@ -28,12 +28,7 @@ class Usage:
 
     @property
     def prompt_tokens(self) -> int:
-        return (
-            self.input_tokens
-            + self.cached_input_tokens
-            + self.cache_write_tokens
-            + self.cache_write_1h_tokens
-        )
+        return self.input_tokens + self.cached_input_tokens + self.cache_write_tokens + self.cache_write_1h_tokens
 
 
 @dataclass
@@ -91,7 +86,7 @@ class UsageReport:
     usage: Usage
 
 
-StreamEvent = Union[TextDelta, Finish, UsageReport]
+StreamEvent = TextDelta | Finish | UsageReport
 
 
 class ChatProvider(Protocol):

@@ -62,7 +62,7 @@ class GeminiProvider:
         self._timeout = timeout
 
     def complete(self, call: ChatCall) -> ChatResult:
-        response = self._post(call, ":generateContent", stream=False)
+        response = self._post(call.model, ":generateContent", _body(call), stream=False)
         data = c.read_json(self.name, response)
         candidates = [c.as_dict(x) for x in data.get("candidates") or []]
         choices = [
@@ -80,21 +80,21 @@ class GeminiProvider:
         )
 
     def stream(self, call: ChatCall) -> Iterator[StreamEvent]:
-        _body(call)  # validate before the caller starts iterating
+        body = _body(call)
         return c.run_stream(
             self.name,
-            lambda: self._post(call, ":streamGenerateContent?alt=sse", stream=True),
+            lambda: self._post(call.model, ":streamGenerateContent?alt=sse", body, stream=True),
             lambda events: _translate(events, call.n),
         )
 
-    def _post(self, call: ChatCall, method: str, *, stream: bool) -> requests.Response:
-        model = quote(call.model.removeprefix("models/"), safe="-._~")
+    def _post(self, model: str, method: str, body: dict, *, stream: bool) -> requests.Response:
+        model = quote(model.removeprefix("models/"), safe="-._~")
         return c.post(
             self.name,
             self._session,
             self._base + model + method,
             headers={"x-goog-api-key": self._api_key},
-            body=_body(call),
+            body=body,
             timeout=self._timeout,
             stream=stream,
             secret=self._api_key,

@@ -25,13 +25,14 @@ def make_session(retries: int = 2, pool_size: int = 64) -> requests.Session:
     """A ``requests.Session`` with a connection pool sized for concurrent calls.
 
     Retries cover connect errors and 429/5xx answers (which arrive before any body
-    byte); a read error after the request was sent is never retried, so a
+    byte); a read error after the request was sent is never retried (``read=False``
+    also lets the original ReadTimeout through), so a
     provider is never asked twice for a generation it may already have billed.
     """
     retry = UpstreamRetry(
         total=retries,
         connect=retries,
-        read=0,
+        read=False,
         status=retries,
         other=0,
         status_forcelist=RETRY_STATUSES,

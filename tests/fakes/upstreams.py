@@ -44,6 +44,7 @@ class Reply:
     chunks: int = 3  # number of text pieces a stream splits `text` into
     fault: str | None = None  # None | "reset" | "truncate" | "no_usage" | "error_event"
     fault_after: int = 1  # for "truncate"/"error_event": text chunks sent before the fault
+    chunk_delay: float = 0.0  # seconds to sleep before each streamed event after the first
     error_type: str | None = None  # overrides OpenAI error.type / Anthropic error.type / Gemini status
     error_code: str | None = None  # overrides OpenAI error.code (e.g. "insufficient_quota")
 
@@ -228,9 +229,7 @@ def _read_body(environ: WSGIEnvironment) -> bytes:
 
 
 def _headers(environ: WSGIEnvironment) -> dict[str, str]:
-    headers = {
-        key[5:].replace("_", "-").lower(): value for key, value in environ.items() if key.startswith("HTTP_")
-    }
+    headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items() if key.startswith("HTTP_")}
     for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
         if environ.get(key):
             headers[key.replace("_", "-").lower()] = environ[key]
@@ -251,6 +250,7 @@ def _stream(
     headers: _Headers,
     events: Iterator[bytes | None],
     content_type: str = _SSE,
+    chunk_delay: float = 0.0,
 ) -> Iterator[bytes]:
     """Send each event as its own write; a None event means "reset the connection here"."""
     start_response(
@@ -259,7 +259,9 @@ def _stream(
     )
 
     def body() -> Iterator[bytes]:
-        for event in events:
+        for number, event in enumerate(events):
+            if chunk_delay and number:
+                time.sleep(chunk_delay)
             if event is None:
                 _rst(environ)
                 raise _Reset("fake upstream: stream truncated")
@@ -313,9 +315,7 @@ def _openai_error(
 
 
 def _openai_reply_error(start_response: StartResponse, r: Reply, headers: _Headers) -> list[bytes]:
-    type_, code = _OPENAI_ERRORS.get(
-        r.status, ("server_error" if r.status >= 500 else "invalid_request_error", None)
-    )
+    type_, code = _OPENAI_ERRORS.get(r.status, ("server_error" if r.status >= 500 else "invalid_request_error", None))
     return _openai_error(
         start_response,
         r.status,
@@ -504,7 +504,7 @@ def _openai(
             yield b"data: " + _dumps(usage_chunk) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
-    return _stream(environ, start_response, headers, events())
+    return _stream(environ, start_response, headers, events(), chunk_delay=r.chunk_delay)
 
 
 # --------------------------------------------------------------------------- Anthropic
@@ -673,7 +673,7 @@ def _anthropic(
             yield _sse("message_delta", delta)
         yield _sse("message_stop", {"type": "message_stop"})
 
-    return _stream(environ, start_response, headers, events())
+    return _stream(environ, start_response, headers, events(), chunk_delay=r.chunk_delay)
 
 
 # --------------------------------------------------------------------------- Gemini
@@ -704,8 +704,7 @@ def _gemini_error_body(
     error: dict[str, Any] = {
         "code": status,
         "message": message,
-        "status": rpc_status
-        or _GEMINI_STATUS.get(status, "INTERNAL" if status >= 500 else "FAILED_PRECONDITION"),
+        "status": rpc_status or _GEMINI_STATUS.get(status, "INTERNAL" if status >= 500 else "FAILED_PRECONDITION"),
     }
     if retry_after is not None:
         delay = retry_after if retry_after.endswith("s") else retry_after + "s"
@@ -829,7 +828,7 @@ def _gemini(
             for obj in objects():
                 yield None if obj is None else b"data: " + _dumps(obj) + b"\n\n"
 
-        return _stream(environ, start_response, [], sse())
+        return _stream(environ, start_response, [], sse(), chunk_delay=r.chunk_delay)
 
     # Without ?alt=sse the real endpoint streams one JSON array, which an SSE reader cannot parse.
     def array() -> Iterator[bytes | None]:
