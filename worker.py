@@ -38,7 +38,7 @@ def main() -> int:
                 [Queue(name, connection=connection) for name in QUEUES],
                 connection=connection,
             )
-            worker.work(with_scheduler=False)
+            worker.work(with_scheduler=False, logging_level="WARNING")
         finally:
             cron.terminate()
             cron.join(5)

@@ -389,6 +389,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help="non-stream,stream (default both)")
     parser.add_argument("--targets", default="direct,broker", help="direct,broker (default both)")
     parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="record the broker with py-spy during the c=32 phases (collapsed stacks in DIR)",
+    )
+    parser.add_argument(
         "--hold",
         action="store_true",
         help="after the phases, keep everything running until Ctrl-C (to profile by hand)",
@@ -548,7 +555,12 @@ def run_phases(
         for conc in concurrencies:
             for name in chosen:
                 time.sleep(0.5)
+                spy = None
+                if args.profile and name == "broker" and conc == 32:
+                    spy = start_py_spy(args.profile, broker.process.pid, mode, args.duration)
                 result = run_wrk(targets[name], mode, conc, args.duration, args.wrk_threads, meters)
+                if spy is not None:
+                    spy.wait(timeout=60)
                 results.append(result)
                 print(
                     f"  {name:<6} {mode:<10} c={conc:<3} {result.rps:7.0f} req/s  p50 {result.p50_ms:.2f} ms"
@@ -565,6 +577,18 @@ def run_phases(
         while True:
             time.sleep(3600)
     return 0 if ok else 1
+
+
+def start_py_spy(directory: Path, pid: int, mode: str, duration: float) -> subprocess.Popen[bytes]:
+    """py-spy on the broker's master and workers for one phase (collapsed stacks, 250 Hz)."""
+    spy = VENV_BIN / "py-spy"
+    if not spy.exists():
+        raise BenchError(f"--profile needs py-spy: {VENV_BIN / 'pip'} install py-spy")
+    directory.mkdir(parents=True, exist_ok=True)
+    args = [str(spy), "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "250"]
+    args += ["--duration", str(max(1, int(duration))), "--format", "raw", "--output"]
+    args += [str(directory / f"broker-{mode}.txt")]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def health(broker: Service, redis_url: str, account_id: int) -> str:

@@ -11,6 +11,7 @@ from decimal import Decimal, InvalidOperation
 import click
 from flask import current_app
 from flask.cli import AppGroup
+from werkzeug.serving import run_simple
 
 from broker import accounts, keys, migrations, pricing
 from broker.errors import BrokerError
@@ -121,7 +122,7 @@ def reap() -> None:
         click.echo(f"released expired hold {hold_id} of account {account_id}: {pricing.format_credits(amount)} credits")
 
 
-DEMO_EMAIL = "demo@localhost"
+DEMO_EMAIL = "demo@example.com"
 
 
 @broker_cli.command("dev")
@@ -160,7 +161,7 @@ def dev(host: str, port: int) -> None:
         '-d \'{"model": "demo/chat", "messages": [{"role": "user", "content": "Hello"}]}\'\n'
     )
     try:
-        app.run(host=host, port=port, threaded=True, use_reloader=False)
+        run_simple(host, port, app, threaded=True, use_reloader=False)
     finally:
         worker.terminate()
         worker.wait(10)

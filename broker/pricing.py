@@ -124,9 +124,9 @@ def format_credits(ucr: int) -> str:
     return f"{sign}{whole}.{frac:06d}"
 
 
-def usd_per_million_in_credits(usd: Decimal, markup: Decimal, credit_usd: Decimal) -> Decimal:
-    """Credits charged per 1M tokens at a USD price: what /v1/models and the pricing page show."""
-    return usd * markup / credit_usd
+def usd_per_million_in_credits(usd: Decimal, markup: Decimal, credit_usd: Decimal) -> str:
+    """Credits charged per 1M tokens at a USD price, as a plain decimal string ("13.5")."""
+    return format((usd * markup / credit_usd).normalize(), "f")
 
 
 def text_token_bound(text: str) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -10,6 +10,11 @@ from sqlalchemy.orm import Session
 from broker.errors import NotFound
 from broker.models import UsageRecord
 from broker.pricing import format_credits
+
+
+def _utc(moment: datetime) -> str:
+    """ISO 8601 in UTC; SQLite hands timestamps back without their zone."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
 
 
 def receipt(row: UsageRecord) -> dict:
@@ -35,8 +40,8 @@ def receipt(row: UsageRecord) -> dict:
         "hold_ucr": row.hold_ucr,
         "flags": {"estimated": row.estimated, "capped": row.capped},
         "error_code": row.error_code,
-        "started_at": row.started_at.isoformat(),
-        "finished_at": row.finished_at.isoformat(),
+        "started_at": _utc(row.started_at),
+        "finished_at": _utc(row.finished_at),
     }
 
 

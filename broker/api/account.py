@@ -36,7 +36,7 @@ def models():
         if price.provider not in svc.providers:
             continue
         per_1m = {
-            name: str(pricing.usd_per_million_in_credits(getattr(price, name), m.markup, m.credit_usd))
+            name: pricing.usd_per_million_in_credits(getattr(price, name), m.markup, m.credit_usd)
             for name in ("input", "cached_input", "cache_write", "output")
         }
         data.append(
