@@ -598,7 +598,9 @@ def health(broker: Service, redis_url: str, account_id: int) -> str:
     from broker.ledger import Ledger
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    snap = Ledger(client).snapshot(account_id)
+    deadline = time.monotonic() + 15  # requests the last phase left in flight may still be settling
+    while (snap := Ledger(client).snapshot(account_id))["holds"] and time.monotonic() < deadline:
+        time.sleep(0.5)
     client.close()
     text = broker.log.read_text(errors="replace") if broker.log.exists() else ""
     noisy = [line for line in text.splitlines() if re.search(r"WARNING|ERROR|Traceback|CRITICAL", line)]
