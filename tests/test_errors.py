@@ -125,7 +125,9 @@ def test_models_lists_prices_in_credits_with_markup(client, tenant):
 
 def test_usage_is_paged_and_filtered_by_model(client, tenant, upstream):
     for model in ("demo/chat", "demo/chat", "openai/gpt-4o-mini"):
-        client.post("/v1/chat/completions", json={"model": model, "messages": MESSAGES, "max_tokens": 5}, headers=tenant.headers)
+        client.post(
+            "/v1/chat/completions", json={"model": model, "messages": MESSAGES, "max_tokens": 5}, headers=tenant.headers
+        )
     first = client.get("/v1/usage?limit=2", headers=tenant.headers).json
     assert len(first["data"]) == 2 and first["has_more"]
     rest = client.get(f"/v1/usage?limit=2&cursor={first['next_cursor']}", headers=tenant.headers).json
