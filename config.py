@@ -54,6 +54,23 @@ def load(overrides: dict | None = None) -> dict:
         "ANTHROPIC_API_KEY": env("ANTHROPIC_API_KEY", ""),
         "GEMINI_BASE_URL": env("GEMINI_BASE_URL", "https://generativelanguage.googleapis.com"),
         "GOOGLE_API_KEY": env("GOOGLE_API_KEY", ""),
+        "ELEVENLABS_BASE_URL": env("ELEVENLABS_BASE_URL", "https://api.elevenlabs.io"),
+        "ELEVENLABS_API_KEY": env("ELEVENLABS_API_KEY", ""),
+        # USD one ElevenLabs credit costs on your plan; unset: derived from the price table.
+        "ELEVENLABS_CREDIT_USD": Decimal(env("ELEVENLABS_CREDIT_USD")) if env("ELEVENLABS_CREDIT_USD") else None,
+        # Unofficial third-party Suno-style API (sunoapi.org shape): its root URL and key.
+        "SUNO_BASE_URL": env("SUNO_BASE_URL", "https://api.sunoapi.org"),
+        "SUNO_API_KEY": env("SUNO_API_KEY", ""),
+        "MEDIA_STORAGE": env("MEDIA_STORAGE", "local"),
+        "S3_BUCKET": env("S3_BUCKET", ""),
+        "S3_ENDPOINT_URL": env("S3_ENDPOINT_URL", ""),
+        "MEDIA_TTL_DAYS": int(env("MEDIA_TTL_DAYS", "7")),
+        "JOB_LEASE_SECONDS": int(env("JOB_LEASE_SECONDS", "600")),
+        "JOB_HOLD_TTL_SECONDS": int(env("JOB_HOLD_TTL_SECONDS", "86400")),
+        "JOB_RETRY_INTERVALS": env("JOB_RETRY_INTERVALS", "5,30,120"),
+        "STUCK_JOB_CHECK_SECONDS": int(env("STUCK_JOB_CHECK_SECONDS", "15")),
+        "MUSIC_POLL_SECONDS": float(env("MUSIC_POLL_SECONDS", "5")),
+        "MUSIC_MAX_WAIT_SECONDS": int(env("MUSIC_MAX_WAIT_SECONDS", "600")),
         # The demo provider is on when no provider key is set, or when DEMO_PROVIDER=1.
         "DEMO_PROVIDER": env("DEMO_PROVIDER", ""),
         "LOG_LEVEL": env("LOG_LEVEL", "INFO"),
@@ -67,7 +84,7 @@ def load(overrides: dict | None = None) -> dict:
             raise RuntimeError("REDIS_URL must be set when BROKER_ENV=production")
     elif not config["SECRET_KEY"]:
         config["SECRET_KEY"] = "dev-only-insecure-secret"
-    provider_keys = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY")
+    provider_keys = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY", "ELEVENLABS_API_KEY", "SUNO_API_KEY")
     no_keys = not any(config[k] for k in provider_keys)
     config["DEMO_PROVIDER"] = _bool(str(config["DEMO_PROVIDER"]), default=no_keys)
     config["TESTING"] = config["BROKER_ENV"] == "testing"

@@ -13,16 +13,23 @@ from broker import create_app, jobs
 from broker.extensions import services
 
 QUEUES = ("media", "housekeeping")
-SCHEDULE = (
-    (jobs.drain_ledger, 2),
-    (jobs.reap_holds, 10),
-    (jobs.flush_key_usage, 30),
-)
 
 
-def run_cron(connection) -> None:
-    scheduler = CronScheduler(connection=connection)
-    for func, seconds in SCHEDULE:
+def schedule(config) -> tuple:
+    """Housekeeping jobs and their intervals in seconds."""
+    return (
+        (jobs.drain_ledger, 2),
+        (jobs.reap_holds, 10),
+        (jobs.finish_stuck_jobs, config["STUCK_JOB_CHECK_SECONDS"]),
+        (jobs.flush_key_usage, 30),
+        (jobs.rollup_usage, 60),
+        (jobs.purge_expired_media, 3600),
+    )
+
+
+def run_cron(connection, config) -> None:
+    scheduler = CronScheduler(connection=connection, logging_level="WARNING")
+    for func, seconds in schedule(config):
         scheduler.register(func, queue_name="housekeeping", interval=seconds, result_ttl=60)
     scheduler.start()
 
@@ -31,14 +38,15 @@ def main() -> int:
     app = create_app()
     with app.app_context():
         connection = services().queue_redis
-        cron = multiprocessing.get_context("fork").Process(target=run_cron, args=(connection,), daemon=True)
+        cron = multiprocessing.get_context("fork").Process(target=run_cron, args=(connection, app.config), daemon=True)
         cron.start()
         try:
             worker = Worker(
                 [Queue(name, connection=connection) for name in QUEUES],
                 connection=connection,
             )
-            worker.work(with_scheduler=False, logging_level="WARNING")
+            # The scheduler moves retries (RQ Retry with intervals) back onto their queue when due.
+            worker.work(with_scheduler=True, logging_level="WARNING")
         finally:
             cron.terminate()
             cron.join(5)

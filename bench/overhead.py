@@ -306,6 +306,18 @@ def run_wrk(
 # --------------------------------------------------------------------------- report
 
 
+def wait_idle(meters: dict[str, Callable[[], float]], limit: float = 10.0) -> None:
+    """Let what the last phase left in flight finish: until the services use < 5 % of a CPU."""
+    deadline = time.monotonic() + limit
+    last = sum(meter() for meter in meters.values())
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = sum(meter() for meter in meters.values())
+        if now - last < 0.0125:
+            return
+        last = now
+
+
 def print_table(results: list[Result]) -> None:
     head = (
         f"{'target':<7} {'mode':<10} {'conc':>4} {'requests':>8} {'req/s':>8} {'p50 ms':>7} "
@@ -554,7 +566,7 @@ def run_phases(
     for mode in modes:
         for conc in concurrencies:
             for name in chosen:
-                time.sleep(0.5)
+                wait_idle(meters)
                 spy = None
                 if args.profile and name == "broker" and conc == 32:
                     spy = start_py_spy(args.profile, broker.process.pid, mode, args.duration)

@@ -7,19 +7,25 @@ from pathlib import Path
 
 import redis
 from flask import Flask, current_app
+from rq import Queue
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import scoped_session
 
 from broker import db, embedded_redis
 from broker.chat import Metering
 from broker.ledger import Ledger
+from broker.media import MediaContext
 from broker.pricing import PriceTable
 from broker.providers.anthropic import AnthropicProvider
 from broker.providers.base import ChatProvider
-from broker.providers.demo import DemoProvider
+from broker.providers.demo import DemoImages, DemoMusic, DemoProvider, DemoSpeech
+from broker.providers.elevenlabs import ElevenLabsProvider
 from broker.providers.gemini import GeminiProvider
 from broker.providers.http import make_session
 from broker.providers.openai import OpenAIProvider
+from broker.providers.openai_images import OpenAIImagesProvider
+from broker.providers.suno import SunoProvider
+from broker.storage import make_storage
 
 EMBEDDED_REDIS_PORT = 6390
 
@@ -35,6 +41,7 @@ class Services:
     prices: PriceTable
     providers: dict[str, ChatProvider]
     metering: Metering
+    media: MediaContext
 
 
 def services() -> Services:
@@ -66,6 +73,49 @@ def build_providers(config: dict) -> dict[str, ChatProvider]:
     return providers
 
 
+def build_media_providers(config: dict) -> tuple[dict, dict, dict]:
+    """Speech, image and music adapters for the providers that have keys, plus demo."""
+    timeout = (config["UPSTREAM_CONNECT_TIMEOUT"], config["UPSTREAM_READ_TIMEOUT"])
+    retries = config["UPSTREAM_RETRIES"]
+    speech, images, music = {}, {}, {}
+    if config["ELEVENLABS_API_KEY"]:
+        speech["elevenlabs"] = ElevenLabsProvider(
+            config["ELEVENLABS_BASE_URL"], config["ELEVENLABS_API_KEY"], make_session(retries), timeout
+        )
+    if config["OPENAI_API_KEY"]:
+        images["openai"] = OpenAIImagesProvider(
+            config["OPENAI_BASE_URL"], config["OPENAI_API_KEY"], make_session(retries), timeout
+        )
+    if config["SUNO_API_KEY"]:
+        # No transport retries: the vendor's 429 means "out of credits", and RQ retries the job anyway.
+        music["suno"] = SunoProvider(config["SUNO_BASE_URL"], config["SUNO_API_KEY"], make_session(0), timeout)
+    if config["DEMO_PROVIDER"]:
+        speech["demo"], images["demo"], music["demo"] = DemoSpeech(), DemoImages(), DemoMusic()
+    return speech, images, music
+
+
+def build_media(config: dict, ledger: Ledger, prices: PriceTable, client: redis.Redis, queue_redis) -> MediaContext:
+    speech, images, music = build_media_providers(config)
+    return MediaContext(
+        ledger=ledger,
+        prices=prices,
+        speech=speech,
+        images=images,
+        music=music,
+        storage=make_storage(config),
+        queue=Queue("media", connection=queue_redis),
+        redis=client,
+        markup=config["MARKUP"],
+        credit_usd=config["CREDIT_USD"],
+        elevenlabs_credit_usd=config["ELEVENLABS_CREDIT_USD"],
+        lease_seconds=config["JOB_LEASE_SECONDS"],
+        hold_ttl=config["JOB_HOLD_TTL_SECONDS"],
+        retry_intervals=[int(x) for x in str(config["JOB_RETRY_INTERVALS"]).split(",") if x.strip()],
+        music_poll_seconds=config["MUSIC_POLL_SECONDS"],
+        music_max_wait=config["MUSIC_MAX_WAIT_SECONDS"],
+    )
+
+
 def init_app(app: Flask) -> Services:
     config = app.config
     url = redis_url(config)
@@ -83,16 +133,19 @@ def init_app(app: Flask) -> Services:
     prices = PriceTable.load(config["PRICES_FILE"])
     providers = build_providers(config)
     metering = Metering(ledger, prices, providers, config["MARKUP"], config["CREDIT_USD"])
+    queue_redis = redis.Redis.from_url(url)
+    media = build_media(config, ledger, prices, client, queue_redis)
     services = Services(
-        url,
-        client,
-        redis.Redis.from_url(url),
-        engine,
-        session_factory,
-        ledger,
-        prices,
-        providers,
-        metering,
+        redis_url=url,
+        redis=client,
+        queue_redis=queue_redis,
+        engine=engine,
+        db=session_factory,
+        ledger=ledger,
+        prices=prices,
+        providers=providers,
+        metering=metering,
+        media=media,
     )
     app.extensions["broker"] = services
 

@@ -1,4 +1,4 @@
-"""RQ job functions: housekeeping that the worker's cron runs (drain the ledger, reap holds, stamp key use).
+"""RQ job functions: media generations, and the housekeeping the worker's cron runs.
 
 Jobs take ids, not objects, run inside the worker's app context and are safe to run twice.
 """
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 
-from broker import keys
+from flask import current_app
+
+from broker import keys, media, usage
 from broker.extensions import services
 
 log = logging.getLogger(__name__)
@@ -33,5 +35,46 @@ def flush_key_usage() -> int:
     svc = services()
     try:
         return keys.flush_last_used(svc.db(), svc.redis)
+    finally:
+        svc.db.remove()
+
+
+def run_media_job(job_id: str) -> str:
+    """Run one media job (enqueued by name by the API); RQ retries it while this raises."""
+    from rq import get_current_job
+
+    svc = services()
+    rq_job = get_current_job()
+    final = rq_job is None or not rq_job.retries_left
+    try:
+        return media.run(svc.media, svc.db(), job_id, final_attempt=final)
+    finally:
+        svc.db.remove()
+
+
+def finish_stuck_jobs() -> int:
+    """Fail (and release) or complete running jobs whose worker died; see ``media.finish_stuck``."""
+    svc = services()
+    try:
+        return len(media.finish_stuck(svc.media, svc.db()))
+    finally:
+        svc.db.remove()
+
+
+def purge_expired_media() -> int:
+    """Delete stored media older than MEDIA_TTL_DAYS; the jobs stay, marked expired."""
+    svc = services()
+    try:
+        return media.purge_media(svc.media, svc.db(), current_app.config["MEDIA_TTL_DAYS"])
+    finally:
+        svc.db.remove()
+
+
+def rollup_usage() -> int:
+    """Recompute today's and yesterday's per-account, per-model daily totals for the charts."""
+    svc = services()
+    try:
+        svc.ledger.drain(svc.db())
+        return usage.rollup_days(svc.db(), days=2)
     finally:
         svc.db.remove()

@@ -208,6 +208,19 @@ class Ledger:
     def release(self, account_id: int, hold_id: str, receipt: dict, extra=None) -> HoldEnd:
         return self.end_hold(account_id, hold_id, 0, receipt, kind="release", extra=extra)
 
+    def hold_state(self, account_id: int, hold_id: str) -> tuple[str, int]:
+        """(``open``, amount), (``ended``, charged) or (``unknown``, 0) for one hold."""
+        k = keys_of(account_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(f"{k['tag']}:end:{hold_id}")
+        pipe.hget(k["holds"], hold_id)
+        ended, amount = pipe.execute()
+        if ended is not None:
+            return "ended", int(ended)
+        if amount is not None:
+            return "open", int(amount)
+        return "unknown", 0
+
     def balance(self, account_id: int) -> int:
         return int(self.redis.get(keys_of(account_id)["bal"]) or 0)
 

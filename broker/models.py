@@ -1,18 +1,20 @@
-"""SQLAlchemy models: accounts, API keys, the durable ledger and per-request usage rows."""
+"""SQLAlchemy models: accounts, API keys, the durable ledger, usage records, media jobs and daily roll-ups."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
     Integer,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -107,3 +109,70 @@ class UsageRecord(Base):
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (Index("ix_usage_account_started", "account_id", "started_at"),)
+
+
+class Job(Base):
+    """A slow media generation: queued by the API, run once by a worker, polled by the client.
+
+    ``hold_id`` names the credit hold the job settles or releases exactly once.
+    Status moves only by compare-and-set: queued → running → succeeded | failed,
+    queued → canceled; a running job whose worker died is failed by the cron.
+    """
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    key_id: Mapped[int | None] = mapped_column(Integer)
+    type: Mapped[str] = mapped_column(String(10))
+    model: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(12), default="queued")
+    params: Mapped[str] = mapped_column(Text)
+    hold_id: Mapped[str] = mapped_column(String(64), unique=True)
+    hold_ucr: Mapped[int] = mapped_column(BigInteger)
+    cost_ucr: Mapped[int | None] = mapped_column(BigInteger)
+    progress: Mapped[int | None] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    upstream_task_id: Mapped[str | None] = mapped_column(String(100))
+    error_type: Mapped[str | None] = mapped_column(String(60))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    media_expired: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        Index("ix_jobs_account_created", "account_id", "created_at"),
+        Index("ix_jobs_status_lease", "status", "lease_until"),
+    )
+
+
+class JobResult(Base):
+    """One stored output of a job; (job, index) is unique so a re-run stores nothing twice."""
+
+    __tablename__ = "job_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    index: Mapped[int] = mapped_column(Integer)
+    content_type: Mapped[str] = mapped_column(String(60))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    storage_key: Mapped[str] = mapped_column(String(200))
+
+    __table_args__ = (UniqueConstraint("job_id", "index"),)
+
+
+class UsageDaily(Base):
+    """Per account, day and model: requests and credits, rolled up from usage records for charts."""
+
+    __tablename__ = "usage_daily"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    day: Mapped[date] = mapped_column(Date)
+    model: Mapped[str] = mapped_column(String(100))
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    charged_ucr: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (UniqueConstraint("account_id", "day", "model"),)

@@ -4,34 +4,50 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 
 from broker.errors import NotFound
-from broker.providers.base import Usage
+from broker.providers.base import ImageUsage, Usage
 
 UCR_PER_CREDIT = 1_000_000
 MILLION = Decimal(1_000_000)
 
 
+ZERO = Decimal(0)
+
+
 @dataclass(frozen=True)
 class ModelPrice:
-    """One model's prices in USD per 1M tokens, as listed in the price table."""
+    """One model's prices as listed in the price table (USD).
+
+    Chat and image tokens: USD per 1M tokens. Text-to-speech: USD per 1k characters
+    and the provider's billing units per character. Music: USD per generation.
+    Fields a kind does not use are zero.
+    """
 
     id: str
     provider: str
     upstream_model: str
     kind: str
-    input: Decimal
-    cached_input: Decimal
-    cache_write: Decimal
-    cache_write_1h: Decimal
-    output: Decimal
-    max_output_tokens: int
-    context_window: int
     effective_from: str
     source: str
+    input: Decimal = ZERO
+    cached_input: Decimal = ZERO
+    cache_write: Decimal = ZERO
+    cache_write_1h: Decimal = ZERO
+    output: Decimal = ZERO
+    max_output_tokens: int = 0
+    context_window: int = 0
+    image_input: Decimal = ZERO
+    text_output: Decimal = ZERO
+    image_output_tokens: dict = field(default_factory=dict)
+    max_images: int = 0
+    usd_per_1k_chars: Decimal = ZERO
+    units_per_char: Decimal = ZERO
+    max_chars: int = 0
+    usd_per_generation: Decimal = ZERO
 
     @property
     def max_input_rate(self) -> Decimal:
@@ -39,23 +55,28 @@ class ModelPrice:
         return max(self.input, self.cache_write, self.cache_write_1h)
 
 
+DECIMAL_FIELDS = ("output", "image_input", "text_output", "usd_per_1k_chars", "units_per_char", "usd_per_generation")
+INT_FIELDS = ("max_output_tokens", "context_window", "max_images", "max_chars")
+
+
 def _model(model_id: str, row: dict) -> ModelPrice:
     provider, _, upstream = model_id.partition("/")
-    input_price = Decimal(row["input"])
+    values: dict = {name: Decimal(row[name]) for name in DECIMAL_FIELDS if name in row}
+    values.update({name: int(row[name]) for name in INT_FIELDS if name in row})
+    if "input" in row:
+        values["input"] = Decimal(row["input"])
+        values["cached_input"] = Decimal(row.get("cached_input", row["input"]))
+        values["cache_write"] = Decimal(row.get("cache_write", row["input"]))
+        values["cache_write_1h"] = Decimal(row.get("cache_write_1h", row.get("cache_write", row["input"])))
     return ModelPrice(
         id=model_id,
         provider=provider,
         upstream_model=upstream,
         kind=row["kind"],
-        input=input_price,
-        cached_input=Decimal(row.get("cached_input", row["input"])),
-        cache_write=Decimal(row.get("cache_write", row["input"])),
-        cache_write_1h=Decimal(row.get("cache_write_1h", row.get("cache_write", row["input"]))),
-        output=Decimal(row["output"]),
-        max_output_tokens=int(row["max_output_tokens"]),
-        context_window=int(row["context_window"]),
         effective_from=row["effective_from"],
         source=row["source"],
+        image_output_tokens=row.get("image_output_tokens", {}),
+        **values,
     )
 
 
@@ -96,6 +117,39 @@ def chat_cost_usd(price: ModelPrice, usage: Usage) -> Decimal:
         + usage.output_tokens * price.output
     )
     return total / MILLION
+
+
+def image_cost_usd(price: ModelPrice, usage: ImageUsage) -> Decimal:
+    """Provider cost of an image generation from its usage report."""
+    total = (
+        usage.text_input_tokens * price.input
+        + usage.image_input_tokens * price.image_input
+        + usage.image_output_tokens * price.output
+        + usage.text_output_tokens * (price.text_output or price.output)
+    )
+    return total / MILLION
+
+
+def image_output_bound(price: ModelPrice, size: str, quality: str) -> int:
+    """The most output tokens one image of this size and quality can cost ("auto": the dearest)."""
+    qualities = [quality] if quality in price.image_output_tokens else list(price.image_output_tokens)
+    sizes = [size] if size != "auto" else None
+    return max(
+        tokens for q in qualities for s, tokens in price.image_output_tokens[q].items() if sizes is None or s in sizes
+    )
+
+
+def speech_cost_usd(price: ModelPrice, characters: int, billed_units: int | None, unit_usd: Decimal | None) -> Decimal:
+    """Provider cost of speech: its billed units × the unit price, else characters at the table's rate.
+
+    ``unit_usd`` is what one billing unit costs us (the ElevenLabs plan's USD per
+    credit); without it, the price table's per-character rate gives it.
+    """
+    if unit_usd is None:
+        unit_usd = price.usd_per_1k_chars / 1000 / price.units_per_char
+    if billed_units is None:
+        return characters * price.usd_per_1k_chars / 1000
+    return billed_units * unit_usd
 
 
 def charge_ucr(cost_usd: Decimal, markup: Decimal, credit_usd: Decimal) -> int:

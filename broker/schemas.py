@@ -99,3 +99,43 @@ class SimpleChatRequest(ChatCompletionRequest):
         if self.provider and "/" not in self.model:
             return f"{self.provider}/{self.model}"
         return self.model
+
+
+class SpeechRequest(BaseModel):
+    """``POST /v1/tts``: text-to-speech (ElevenLabs models, or ``demo/tts``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    text: str = Field(min_length=1, max_length=40_000)
+    voice_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    output_format: str = "mp3_44100_128"
+    voice_settings: dict[str, float | bool] | None = None
+
+
+class ImageRequest(BaseModel):
+    """``POST /v1/image``: image generation (OpenAI GPT image models, or ``demo/image``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str = Field(min_length=1, max_length=32_000)
+    size: Literal["1024x1024", "1536x1024", "1024x1536", "auto"] = "1024x1024"
+    quality: Literal["low", "medium", "high", "auto"] = "auto"
+    n: int = Field(default=1, ge=1, le=10)
+
+
+class MusicRequest(BaseModel):
+    """``POST /v1/music``: a song through an unofficial Suno-style API (or ``demo/music``).
+
+    Either ``prompt`` (a description, up to 500 characters) or ``lyrics`` with ``style``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str | None = Field(default=None, min_length=1, max_length=500)
+    lyrics: str | None = Field(default=None, min_length=1, max_length=5000)
+    style: str | None = Field(default=None, min_length=1, max_length=200)
+    title: str | None = Field(default=None, max_length=100)
+    instrumental: bool = False

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import json
+from datetime import UTC, date, datetime, time, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from broker.errors import NotFound
-from broker.models import UsageRecord
+from broker.models import UsageDaily, UsageRecord
 from broker.pricing import format_credits
 
 
@@ -40,6 +42,7 @@ def receipt(row: UsageRecord) -> dict:
         "hold_ucr": row.hold_ucr,
         "flags": {"estimated": row.estimated, "capped": row.capped},
         "error_code": row.error_code,
+        "detail": json.loads(row.detail) if row.detail else None,
         "started_at": _utc(row.started_at),
         "finished_at": _utc(row.finished_at),
     }
@@ -80,3 +83,38 @@ def list_usage(
         "has_more": more,
         "next_cursor": rows[-1].id if more else None,
     }
+
+
+def rollup_days(session: Session, days: int = 2, today: date | None = None) -> int:
+    """Recompute the daily totals of the last ``days`` days from usage records (idempotent)."""
+    today = today or datetime.now(UTC).date()
+    written = 0
+    for offset in range(days):
+        day = today - timedelta(days=offset)
+        start = datetime.combine(day, time.min, tzinfo=UTC)
+        rows = session.execute(
+            select(
+                UsageRecord.account_id,
+                UsageRecord.model,
+                func.count(),
+                func.coalesce(func.sum(UsageRecord.charged_ucr), 0),
+            )
+            .where(UsageRecord.started_at >= start, UsageRecord.started_at < start + timedelta(days=1))
+            .group_by(UsageRecord.account_id, UsageRecord.model)
+        ).all()
+        values = [
+            {"account_id": a, "day": day, "model": m, "requests": n, "charged_ucr": int(c)} for a, m, n, c in rows
+        ]
+        if values:
+            insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[session.get_bind().dialect.name]
+            statement = insert(UsageDaily)
+            session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["account_id", "day", "model"],
+                    set_={"requests": statement.excluded.requests, "charged_ucr": statement.excluded.charged_ucr},
+                ),
+                values,
+            )
+        written += len(values)
+    session.commit()
+    return written

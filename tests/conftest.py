@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -12,7 +16,7 @@ import pytest
 import redis
 from werkzeug.serving import make_server
 
-from broker import accounts, create_app, keys, migrations, pricing
+from broker import ROOT, accounts, create_app, keys, migrations, pricing
 from broker.embedded_redis import EmbeddedRedis
 from broker.extensions import services
 from tests.fakes.upstreams import FakeUpstream
@@ -21,6 +25,8 @@ PROVIDER_KEYS = {
     "OPENAI_API_KEY": "sk-test-openai-secret-0001",
     "ANTHROPIC_API_KEY": "sk-ant-test-secret-0002",
     "GOOGLE_API_KEY": "AIza-test-secret-0003",
+    "ELEVENLABS_API_KEY": "xi-test-secret-0004",
+    "SUNO_API_KEY": "suno-test-secret-0005",
 }
 
 
@@ -55,6 +61,12 @@ def app_config(tmp_path, redis_url: str, upstream: FakeUpstream, db_url: str) ->
         "OPENAI_BASE_URL": upstream.openai_base,
         "ANTHROPIC_BASE_URL": upstream.anthropic_base,
         "GEMINI_BASE_URL": upstream.gemini_base,
+        "ELEVENLABS_BASE_URL": upstream.elevenlabs_base,
+        "SUNO_BASE_URL": upstream.suno_base,
+        "MUSIC_POLL_SECONDS": 0.1,
+        "JOB_RETRY_INTERVALS": "1,1",
+        "JOB_LEASE_SECONDS": 4,
+        "STUCK_JOB_CHECK_SECONDS": 1,
         "DEMO_PROVIDER": True,
         "MARKUP": Decimal("1.8"),
         "CREDIT_USD": Decimal("0.01"),
@@ -70,12 +82,49 @@ def app(tmp_path, redis_server, upstream, migrated_db):
     shutil.copy(migrated_db, tmp_path / "broker.db")
     redis.Redis(port=redis_server.port).flushall()
     upstream.reset()
-    app = create_app(app_config(tmp_path, redis_server.url, upstream, f"sqlite:///{tmp_path / 'broker.db'}"))
+    config = app_config(tmp_path, redis_server.url, upstream, f"sqlite:///{tmp_path / 'broker.db'}")
+    app = create_app(config)
+    app.config["BROKER_TEST_CONFIG"] = config
     with app.app_context():
         yield app
     services_ = app.extensions["broker"]
     services_.db.remove()
     services_.engine.dispose()
+
+
+class WorkerProcess:
+    """``python worker.py`` as its own process group, with the test app's settings in its environment."""
+
+    def __init__(self, config: dict) -> None:
+        self.env = {**os.environ, **{k: str(int(v) if isinstance(v, bool) else v) for k, v in config.items()}}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "worker.py")], env=self.env, cwd=ROOT, start_new_session=True
+        )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the worker, its work horse and its cron child at once, as a crash would."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def worker(app):
+    process = WorkerProcess(app.config["BROKER_TEST_CONFIG"]).start()
+    yield process
+    process.stop()
 
 
 @pytest.fixture

@@ -40,4 +40,4 @@ def parse(model: type[BaseModel]) -> BaseModel:
         raise InvalidRequest(f"{message}: {param}", param=param, code=first["type"]) from None
 
 
-from broker.api import account, chat  # noqa: E402,F401  (routes register on bp)
+from broker.api import account, chat, media  # noqa: E402,F401  (routes register on bp)

@@ -65,23 +65,62 @@ def post(
 
     ``secret`` (the provider key) is scrubbed from every message taken from the body.
     """
-    try:
-        response = session.post(
-            url,
-            json=body,
-            headers=headers,
-            timeout=timeout,
-            stream=stream,
-            allow_redirects=False,
-        )
-    except READ_FAILURES as exc:
-        raise transport_error(provider, exc) from None
+    response = send(provider, session, "POST", url, headers=headers, body=body, timeout=timeout, stream=stream)
     if response.status_code >= 300:
         try:
             raise status_error(provider, response, secret)
         finally:
             response.close()
     return response
+
+
+def send(
+    provider: str,
+    session: requests.Session,
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str],
+    timeout: tuple[float, float],
+    body: dict | None = None,
+    params: dict[str, str] | None = None,
+    stream: bool = False,
+    allow_redirects: bool = False,
+) -> requests.Response:
+    """Send one request and return the response whatever its status; transport failures raise.
+
+    For callers that map statuses themselves (media adapters with their own error shapes).
+    """
+    try:
+        return session.request(
+            method,
+            url,
+            json=body,
+            params=params,
+            headers=headers,
+            timeout=timeout,
+            stream=stream,
+            allow_redirects=allow_redirects,
+        )
+    except READ_FAILURES as exc:
+        raise transport_error(provider, exc) from None
+
+
+def read_body(provider: str, response: requests.Response, limit: int) -> bytes:
+    """The raw body of a streamed 2xx response, at most ``limit`` bytes; the response is closed."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in response.iter_content(chunk_size=64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamError(f"{provider} sent a file larger than {limit} bytes")
+            chunks.append(chunk)
+    except READ_FAILURES as exc:
+        raise transport_error(provider, exc) from None
+    finally:
+        response.close()
+    return b"".join(chunks)
 
 
 def read_json(provider: str, response: requests.Response) -> dict:
@@ -143,7 +182,7 @@ def transport_error(provider: str, exc: BaseException) -> UpstreamError:
 def status_error(provider: str, response: requests.Response, secret: str) -> UpstreamError:
     """Map a non-2xx answer (after the session's own retries) to an UpstreamError."""
     status = response.status_code
-    body = _error_body(response)
+    body = error_body(response)
     retry_after = response.headers.get("Retry-After") or _retry_delay(body)
     headers = {"Retry-After": retry_after} if retry_after else None
     if status < 400:
@@ -160,12 +199,13 @@ def status_error(provider: str, response: requests.Response, secret: str) -> Ups
         return UpstreamError(f"{provider} failed with HTTP {status}")
     error = as_dict(body.get("error"))
     message = error.get("message") if isinstance(error.get("message"), str) else None
-    message = _scrub(message or f"HTTP {status}", secret)[:MAX_ERROR_MESSAGE]
+    message = clip_message(message or f"HTTP {status}", secret)
     param = error.get("param") if isinstance(error.get("param"), str) else None
     return UpstreamRejected(f"{provider} rejected the request: {message}", param=param)
 
 
-def _error_body(response: requests.Response) -> dict:
+def error_body(response: requests.Response) -> dict:
+    """The JSON object of an error response, or an empty dict."""
     try:
         return as_dict(response.json())
     except READ_FAILURES:
@@ -193,6 +233,11 @@ def _retry_delay(body: dict) -> str | None:
 
 def _scrub(text: str, secret: str) -> str:
     return text.replace(secret, "[redacted]") if secret else text
+
+
+def clip_message(text: str, secret: str) -> str:
+    """An upstream message fit to show a caller: the key scrubbed, the length capped."""
+    return _scrub(text, secret)[:MAX_ERROR_MESSAGE]
 
 
 def iter_sse(response: requests.Response) -> Iterator[SSEEvent]:

@@ -104,3 +104,77 @@ class ChatProvider(Protocol):
         the generator closes the upstream connection.
         """
         ...
+
+
+# -- media (slow generations run by the worker) --------------------------------
+
+
+@dataclass
+class MediaFile:
+    content_type: str
+    data: bytes
+
+
+@dataclass
+class SpeechResult:
+    """``billed_units`` is the provider's own charge unit (ElevenLabs credits from the
+    ``character-cost`` header), or None when the provider did not report it."""
+
+    audio: MediaFile
+    billed_units: int | None
+    upstream_id: str | None = None
+
+
+@dataclass
+class ImageUsage:
+    text_input_tokens: int = 0
+    image_input_tokens: int = 0
+    image_output_tokens: int = 0
+    text_output_tokens: int = 0
+
+
+@dataclass
+class ImageResult:
+    images: list[MediaFile]
+    usage: ImageUsage | None  # None when the provider reported no usage
+
+
+@dataclass
+class MusicTask:
+    """A music generation as the provider reports it while polling.
+
+    ``status``: ``pending`` | ``running`` | ``succeeded`` | ``failed``; ``progress``
+    0–100 where known; ``clip_urls`` once succeeded; ``error`` when failed.
+    """
+
+    task_id: str
+    status: str
+    progress: int | None = None
+    clip_urls: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class SpeechProvider(Protocol):
+    name: str
+
+    def synthesize(
+        self, model: str, text: str, voice_id: str, output_format: str, voice_settings: dict | None
+    ) -> SpeechResult: ...
+
+
+class ImageProvider(Protocol):
+    name: str
+
+    def generate(self, model: str, prompt: str, size: str, quality: str, n: int) -> ImageResult: ...
+
+
+class MusicProvider(Protocol):
+    name: str
+
+    def submit(self, model: str, prompt: str | None, lyrics: str | None, style: str | None, instrumental: bool) -> str:
+        """Start a generation; returns the provider's task id."""
+        ...
+
+    def poll(self, task_id: str) -> MusicTask: ...
+
+    def download(self, url: str) -> MediaFile: ...

@@ -1,15 +1,30 @@
-"""Fake OpenAI, Anthropic and Gemini chat upstreams in one WSGI app (PROVIDERS.md §1, §4, §5)."""
+"""Fake upstreams in one WSGI app (PROVIDERS.md §1, §2, §4-§7, §12).
+
+Chat: OpenAI ``/v1/chat/completions``, Anthropic ``/v1/messages``, Gemini ``/v1beta/models/…``.
+Media: OpenAI Images ``POST /v1/images/generations``, ElevenLabs ``POST /v1/text-to-speech/{voice_id}[/stream]``
+and Suno (sunoapi.org shape) ``POST /api/v1/generate`` + ``GET /api/v1/generate/record-info?taskId=`` + the
+clip files ``GET /files/{clipId}.mp3`` / ``.png``. All share one queue of `Reply` objects: each request that
+produces an answer pops one (or uses `FakeUpstream.default`). Suno polls and file downloads never pop; they use
+the reply remembered by the task their submit created.
+
+The media bytes are deterministic; tests compare against `fake_png`, `fake_audio` and `fake_clip`, or read
+`FakeUpstream.last_outputs` (the bytes most recently served).
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import itertools
 import json
+import math
 import os
 import socket
 import struct
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,14 +35,33 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-__all__ = ["FakeUpstream", "RecordedRequest", "Reply", "create_app", "make_wsgi_app"]
+__all__ = [
+    "FakeUpstream",
+    "RecordedRequest",
+    "Reply",
+    "create_app",
+    "fake_audio",
+    "fake_clip",
+    "fake_png",
+    "make_wsgi_app",
+    "tts_character_cost",
+]
 
 FAULTS = (None, "reset", "truncate", "no_usage", "error_event")
+SUNO_FAILURES = (None, "GENERATE_AUDIO_FAILED", "SENSITIVE_WORD_ERROR")
+OMIT = -1  # Reply.character_cost value that omits the ElevenLabs character-cost header
 
 
 @dataclass
 class Reply:
-    """What the fake answers to one chat request, in neutral terms rendered per provider."""
+    """What the fake answers to one request, in neutral terms rendered per provider.
+
+    Fields shared by every provider: `status`, `error_message`, `error_type`, `retry_after`, `delay` and
+    `fault="reset"`. Media notes: `fault="no_usage"` also omits the Images `usage` / ElevenLabs
+    `character-cost`; `fault="truncate"` cuts an ElevenLabs body, or every Suno file download of the task,
+    after `fault_after` of `chunks` pieces. For Suno, `status`/`delay`/`reset`/`suno_app_code` apply to the
+    submit only.
+    """
 
     text: str = "Hello there! How can I help you today?"
     input_tokens: int = 12  # uncached input tokens
@@ -46,18 +80,27 @@ class Reply:
     fault_after: int = 1  # for "truncate"/"error_event": text chunks sent before the fault
     chunk_delay: float = 0.0  # seconds to sleep before each streamed event after the first
     error_type: str | None = None  # overrides OpenAI error.type / Anthropic error.type / Gemini status
-    error_code: str | None = None  # overrides OpenAI error.code (e.g. "insufficient_quota")
+    error_code: str | None = None  # overrides OpenAI error.code (e.g. "insufficient_quota") / Suno errorCode
+    # --- media
+    character_cost: int | None = None  # ElevenLabs header; None -> default rule, OMIT (-1) -> no header
+    image_usage: dict[str, int] | None = None  # Images usage overrides: text_tokens, image_tokens, output_tokens
+    omit_usage: bool = False  # Images: no "usage" key (dall-e style)
+    suno_polls_per_stage: int = 1  # record-info polls per status stage; 0 -> the first poll is final
+    suno_fail: str | None = None  # None | "GENERATE_AUDIO_FAILED" | "SENSITIVE_WORD_ERROR"
+    suno_app_code: int = 200  # != 200 -> submit answers HTTP 200 {"code": suno_app_code, "msg": …}
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
             raise ValueError(f"unknown fault {self.fault!r}; expected one of {FAULTS}")
+        if self.suno_fail not in SUNO_FAILURES:
+            raise ValueError(f"unknown suno_fail {self.suno_fail!r}; expected one of {SUNO_FAILURES}")
 
 
 @dataclass
 class RecordedRequest:
     """One request as the fake received it; header names are lower-case."""
 
-    provider: str  # "openai" | "anthropic" | "gemini"
+    provider: str  # "openai" | "anthropic" | "gemini" | "openai_images" | "elevenlabs" | "suno"
     path: str
     query: str
     headers: dict[str, str]
@@ -65,7 +108,7 @@ class RecordedRequest:
 
 
 class FakeUpstream:
-    """One in-process HTTP server answering as all three chat providers."""
+    """One in-process HTTP server answering as every faked provider (chat and media)."""
 
     def __init__(
         self,
@@ -84,7 +127,12 @@ class FakeUpstream:
         self.openai_base = ""
         self.anthropic_base = ""
         self.gemini_base = ""
+        self.elevenlabs_base = ""  # ElevenLabs(base_url=…) / adapters append /v1/text-to-speech/…
+        self.suno_base = ""  # adapters append /api/v1/generate
+        self.last_outputs: list[bytes] = []  # images / audio / clip bytes of the latest media response
         self._queue: deque[Reply] = deque()
+        self._suno_tasks: dict[str, _SunoTask] = {}
+        self._suno_clips: dict[str, _SunoTask] = {}
         self._lock = threading.Lock()
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -104,6 +152,8 @@ class FakeUpstream:
         self.openai_base = self.url + "/v1"
         self.anthropic_base = self.url
         self.gemini_base = self.url
+        self.elevenlabs_base = self.url
+        self.suno_base = self.url
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever,
@@ -139,6 +189,9 @@ class FakeUpstream:
             self._queue.clear()
             self.requests.clear()
             self.default = Reply()
+            self.last_outputs = []
+            self._suno_tasks.clear()
+            self._suno_clips.clear()
 
     def _next_reply(self) -> Reply:
         with self._lock:
@@ -147,6 +200,10 @@ class FakeUpstream:
     def _record(self, request: RecordedRequest) -> None:
         with self._lock:
             self.requests.append(request)
+
+    def _served(self, outputs: list[bytes]) -> None:
+        with self._lock:
+            self.last_outputs = list(outputs)
 
 
 class _Handler(WSGIRequestHandler):
@@ -844,11 +901,553 @@ def _gemini(
     return _stream(environ, start_response, [], array(), content_type=_JSON)
 
 
+# --------------------------------------------------------------------------- media bytes
+
+_DEFAULT_ERROR = Reply.error_message
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# MPEG-1 Layer III, 128 kbit/s, 44.1 kHz, joint stereo, no CRC: every frame is 417 bytes.
+_MP3_FRAME_HEADER = b"\xff\xfb\x90\x64"
+_MP3_FRAME_BYTES = 417
+_ID3_HEADER = b"ID3\x04\x00\x00\x00\x00\x00\x00"  # ID3v2.4 tag with no frames
+
+
+def _noise(seed: str, size: int) -> bytes:
+    """`size` deterministic pseudo-random bytes (SHA-256 in counter mode)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{counter}\0{seed}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def fake_png(prompt: str, index: int = 0) -> bytes:
+    """The valid 8×8 solid-colour RGB PNG the Images fake returns as image `index` for `prompt`.
+
+    The colour is derived from (prompt, index), so different prompts or indices give different bytes and
+    the same pair always gives the same bytes. The Images response carries base64(fake_png(prompt, i)).
+    """
+    rgb = hashlib.sha256(f"{index}\0{prompt}".encode()).digest()[:3]
+    rows = b"".join(b"\x00" + rgb * 8 for _ in range(8))  # filter byte 0, then 8 pixels per row
+    header = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)  # 8×8, 8-bit depth, colour type 2 (RGB)
+    return (
+        _PNG_SIGNATURE
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows, 9))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _mp3_frames(seed: str, frames: int) -> bytes:
+    payload = _noise(seed, frames * (_MP3_FRAME_BYTES - 4))
+    size = _MP3_FRAME_BYTES - 4
+    return b"".join(_MP3_FRAME_HEADER + payload[i * size : (i + 1) * size] for i in range(frames))
+
+
+def fake_audio(text: str, output_format: str = "mp3_44100_128") -> bytes:
+    """The audio bytes the ElevenLabs fake returns for `text` in `output_format` (deterministic).
+
+    mp3_*: 1 + len(text)//32 MP3 frames, each starting with an MPEG-1 Layer III frame header (FF FB 90 64);
+    pcm_*: 16-bit little-endian samples; ulaw_8000/alaw_8000: 8-bit samples; opus_*: an Ogg page ("OggS")
+    holding an OpusHead, then noise. Only the leading bytes are a real container; the rest is noise.
+    """
+    seed = f"{output_format}\0{text}"
+    units = 1 + len(text) // 32
+    codec = output_format.split("_", 1)[0]
+    if codec == "mp3":
+        return _mp3_frames(seed, units)
+    if codec == "pcm":
+        return _noise(seed, units * 640)
+    if codec in ("ulaw", "alaw"):
+        return _noise(seed, units * 320)
+    rate = int(output_format.split("_")[1])  # opus_48000_<kbps>
+    head = b"OpusHead" + struct.pack("<BBHIhB", 1, 1, 312, rate, 0, 0)
+    serial = _noise(seed, 4)
+    page = b"OggS\x00\x02" + bytes(8) + serial + bytes(4) + bytes(4) + b"\x01" + bytes([len(head)]) + head
+    return page + _noise(seed, units * 400)
+
+
+def fake_clip(clip_id: str) -> bytes:
+    """The MP3 bytes served at ``/files/{clip_id}.mp3`` (an ID3v2 header, then 6 MP3 frames)."""
+    return _ID3_HEADER + _mp3_frames(f"suno\0{clip_id}", 6)
+
+
+def _split(body: bytes, n: int) -> list[bytes]:
+    n = max(1, min(n, len(body)))
+    return [body[i * len(body) // n : (i + 1) * len(body) // n] for i in range(n)]
+
+
+def _send_bytes(
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    headers: _Headers,
+    content_type: str,
+    body: bytes,
+    r: Reply,
+    chunked: bool = False,
+) -> Iterable[bytes]:
+    """Send raw bytes; chunked (no Content-Length) for stream endpoints, cut by `fault="truncate"`."""
+    if not chunked:
+        headers = [*headers, ("Content-Length", str(len(body)))]
+    cut = max(0, r.fault_after) if r.fault == "truncate" else None
+    if cut is None and not chunked:
+        start_response("200 OK", [*headers, ("Content-Type", content_type)])
+        return [body]
+
+    def pieces() -> Iterator[bytes | None]:
+        for k, piece in enumerate(_split(body, r.chunks)):
+            if k == cut:
+                yield None
+                return
+            yield piece
+
+    return _stream(environ, start_response, headers, pieces(), content_type=content_type, chunk_delay=r.chunk_delay)
+
+
+def _origin(environ: WSGIEnvironment) -> str:
+    """The scheme://host[:port] the client used, so URLs in responses point back at this fake."""
+    host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME', 'localhost')}:{environ.get('SERVER_PORT', 80)}"
+    return f"{environ.get('wsgi.url_scheme', 'http')}://{host}"
+
+
+def _bearer(environ: WSGIEnvironment) -> bool:
+    auth = environ.get("HTTP_AUTHORIZATION", "")
+    return auth.startswith("Bearer ") and bool(auth[7:].strip())
+
+
+# --------------------------------------------------------------------------- OpenAI Images
+
+_IMAGE_TOKENS = {  # output image tokens per image (PROVIDERS.md §2)
+    "low": {"1024x1024": 272, "1024x1536": 408, "1536x1024": 400},
+    "medium": {"1024x1024": 1056, "1024x1536": 1584, "1536x1024": 1568},
+    "high": {"1024x1024": 4160, "1024x1536": 6240, "1536x1024": 6208},
+}
+
+
+def _image_output_tokens(quality: str, size: str) -> int:
+    table = _IMAGE_TOKENS.get(quality, _IMAGE_TOKENS["high"])
+    if size in table:
+        return table[size]
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        return table["1024x1024"]
+    return max(1, round(table["1024x1024"] * width * height / (1024 * 1024)))
+
+
+def _openai_images(
+    fake: FakeUpstream,
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    data: Any,
+) -> Iterable[bytes]:
+    path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
+    if path != "/v1/images/generations":
+        return _openai_error(start_response, 404, f"Invalid URL ({method} {path})")
+    if method != "POST":
+        return _openai_error(start_response, 405, f"Invalid method for URL ({method} {path})")
+    if not _bearer(environ):
+        return _openai_error(
+            start_response,
+            401,
+            "You didn't provide an API key. You need to provide your API key in an Authorization "
+            "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+        )
+    if not isinstance(data, dict):
+        return _openai_error(start_response, 400, "We could not parse the JSON body of your request.")
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        return _openai_error(
+            start_response,
+            400,
+            "Missing required parameter: 'prompt'.",
+            code="missing_required_parameter",
+            param="prompt",
+        )
+    n = data.get("n")
+    n = 1 if n is None else n
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10:
+        return _openai_error(
+            start_response,
+            400,
+            f"Invalid value for 'n': {n!r}. Expected an integer between 1 and 10.",
+            code="invalid_value",
+            param="n",
+        )
+    if data.get("stream") is True:
+        return _openai_error(start_response, 400, "The fake upstream does not implement image streaming.")
+
+    r = _begin(fake, environ)
+    headers: _Headers = [("x-request-id", f"req_{_new_id()}"), ("openai-version", "2020-10-01")]
+    if r.retry_after is not None:
+        headers.append(("Retry-After", r.retry_after))
+    if r.status != 200:
+        return _openai_reply_error(start_response, r, headers)
+
+    size = data.get("size") or "auto"
+    size = "1024x1024" if size == "auto" else str(size)
+    quality = data.get("quality") or "auto"
+    quality = "high" if quality == "auto" else str(quality)
+    background = data.get("background") or "auto"
+    background = "opaque" if background == "auto" else str(background)
+    images = [fake_png(prompt, i) for i in range(n)]
+    fake._served(images)
+    body: dict[str, Any] = {
+        "created": int(time.time()),
+        "data": [{"b64_json": base64.b64encode(image).decode()} for image in images],
+        "background": background,
+        "output_format": str(data.get("output_format") or "png"),  # the bytes are PNG whatever is asked
+        "size": size,
+        "quality": quality,
+    }
+    if not r.omit_usage and r.fault != "no_usage":
+        numbers = {
+            "text_tokens": max(1, math.ceil(len(prompt) / 4)),
+            "image_tokens": 0,
+            "output_tokens": n * _image_output_tokens(quality, size),
+            **(r.image_usage or {}),
+        }
+        input_tokens = numbers["text_tokens"] + numbers["image_tokens"]
+        body["usage"] = {
+            "total_tokens": input_tokens + numbers["output_tokens"],
+            "input_tokens": input_tokens,
+            "output_tokens": numbers["output_tokens"],
+            "input_tokens_details": {
+                "text_tokens": numbers["text_tokens"],
+                "image_tokens": numbers["image_tokens"],
+            },
+        }
+    return _respond(start_response, 200, headers, _dumps(body))
+
+
+# --------------------------------------------------------------------------- ElevenLabs
+
+_TTS_PREFIX = "/v1/text-to-speech/"
+_TTS_FORMATS = (
+    "mp3_22050_32",
+    "mp3_24000_48",
+    "mp3_44100_32",
+    "mp3_44100_64",
+    "mp3_44100_96",
+    "mp3_44100_128",
+    "mp3_44100_192",
+    *(f"pcm_{rate}" for rate in (8000, 16000, 22050, 24000, 32000, 44100, 48000)),
+    "ulaw_8000",
+    "alaw_8000",
+    *(f"opus_48000_{kbps}" for kbps in (32, 64, 96, 128, 192)),
+)
+_TTS_CONTENT_TYPES = {"mp3": "audio/mpeg", "pcm": "audio/pcm", "ulaw": "audio/basic", "alaw": "audio/basic"}
+_TTS_ERRORS = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    402: "payment_required",
+    403: "forbidden",
+    404: "voice_not_found",
+    429: "too_many_concurrent_requests",
+    503: "system_busy",
+}
+
+
+def _tts_id(seed: str) -> str:
+    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    return "".join(alphabet[b % len(alphabet)] for b in hashlib.sha256(seed.encode()).digest()[:20])
+
+
+def _elevenlabs_error(
+    start_response: StartResponse, status: int, message: str, code: str | None = None, headers: _Headers | None = None
+) -> list[bytes]:
+    code = code or _TTS_ERRORS.get(status, "internal_server_error" if status >= 500 else "invalid_request")
+    return _respond(start_response, status, headers or [], _dumps({"detail": {"status": code, "message": message}}))
+
+
+def _elevenlabs_422(
+    start_response: StartResponse,
+    loc: list[str],
+    msg: str,
+    type_: str,
+    headers: _Headers | None = None,
+) -> list[bytes]:
+    detail = [{"loc": loc, "msg": msg, "type": type_}]
+    return _respond(start_response, 422, headers or [], _dumps({"detail": detail}))
+
+
+def tts_character_cost(text: str, model_id: str | None) -> int:
+    """ElevenLabs' default credit rule: 0.5 per character for flash/turbo models, 1 otherwise."""
+    model = model_id or "eleven_multilingual_v2"
+    if "flash" in model or "turbo" in model:
+        return math.ceil(len(text) * 0.5)
+    return len(text)
+
+
+def _elevenlabs(
+    fake: FakeUpstream,
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    data: Any,
+) -> Iterable[bytes]:
+    path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
+    voice_id, _, variant = path[len(_TTS_PREFIX) :].partition("/")
+    if not voice_id or variant not in ("", "stream"):
+        return _respond(start_response, 404, [], _dumps({"detail": "Not Found"}))
+    if method != "POST":
+        return _respond(start_response, 405, [], _dumps({"detail": "Method Not Allowed"}))
+    if not environ.get("HTTP_XI_API_KEY", "").strip():
+        return _elevenlabs_error(start_response, 401, "Invalid API key", "invalid_api_key")
+    output_format = parse_qs(environ.get("QUERY_STRING", "")).get("output_format", ["mp3_44100_128"])[0]
+    if output_format not in _TTS_FORMATS:
+        allowed = ", ".join(f"'{f}'" for f in _TTS_FORMATS)
+        return _elevenlabs_422(start_response, ["query", "output_format"], f"Input should be {allowed}", "enum")
+    if data is None:
+        return _elevenlabs_422(start_response, ["body"], "Field required", "missing")
+    if not isinstance(data, dict):
+        return _elevenlabs_422(
+            start_response,
+            ["body"],
+            "Input should be a valid dictionary or object to extract fields from",
+            "model_attributes_type",
+        )
+    text = data.get("text")
+    if "text" not in data:
+        return _elevenlabs_422(start_response, ["body", "text"], "Field required", "missing")
+    if not isinstance(text, str):
+        return _elevenlabs_422(start_response, ["body", "text"], "Input should be a valid string", "string_type")
+
+    r = _begin(fake, environ)
+    request_id = _tts_id(f"request\0{_new_id()}")
+    headers: _Headers = [("request-id", request_id)]
+    if r.retry_after is not None:
+        headers.append(("Retry-After", r.retry_after))
+    if r.status == 422:
+        type_ = r.error_type or "value_error"
+        return _elevenlabs_422(start_response, ["body", "text"], r.error_message, type_, headers)
+    if r.status != 200:
+        return _elevenlabs_error(start_response, r.status, r.error_message, r.error_type, headers)
+
+    audio = fake_audio(text, output_format)
+    fake._served([audio])
+    cost = tts_character_cost(text, data.get("model_id")) if r.character_cost is None else r.character_cost
+    if cost != OMIT and r.fault != "no_usage":
+        headers.append(("character-cost", str(cost)))
+    headers += [
+        ("history-item-id", _tts_id(f"history\0{request_id}")),
+        ("current-concurrent-requests", "1"),
+        ("maximum-concurrent-requests", "3"),
+        (
+            "access-control-expose-headers",
+            "request-id, history-item-id, character-cost, current-concurrent-requests, maximum-concurrent-requests",
+        ),
+    ]
+    content_type = _TTS_CONTENT_TYPES.get(output_format.split("_", 1)[0], "audio/opus")
+    return _send_bytes(environ, start_response, headers, content_type, audio, r, chunked=variant == "stream")
+
+
+# --------------------------------------------------------------------------- Suno (sunoapi.org shape)
+
+_SUNO_STAGES = ("PENDING", "TEXT_SUCCESS", "FIRST_SUCCESS", "SUCCESS")
+_SUNO_APP_MESSAGES = {
+    400: "Invalid parameters",
+    401: "You do not have access permissions",
+    404: "Task not found",
+    405: "Rate limit exceeded",
+    413: "Prompt too long",
+    429: "The current credits are insufficient. Please top up.",
+    430: "Your call frequency is too high. Please try again later.",
+    455: "The system is currently undergoing maintenance. Please try again later.",
+    500: "Server error",
+}
+_SUNO_FAILURE_DETAILS = {
+    "GENERATE_AUDIO_FAILED": (500, "Audio generation failed."),
+    "SENSITIVE_WORD_ERROR": (400, "The prompt contains sensitive words. Please modify it and try again."),
+}
+_SUNO_MODELS = ("V4", "V4_5", "V4_5PLUS", "V4_5ALL", "V5", "V5_5")
+
+
+@dataclass
+class _SunoTask:
+    task_id: str
+    reply: Reply
+    request: dict[str, Any]
+    clip_ids: list[str]
+    created: float
+    polls: int = 0
+
+
+def _suno_body(code: int, msg: str, data: Any = None) -> bytes:
+    return _dumps({"code": code, "msg": msg, "data": data})
+
+
+def _suno_message(code: int, r: Reply | None = None) -> str:
+    if r is not None and r.error_message != _DEFAULT_ERROR:
+        return r.error_message
+    return _SUNO_APP_MESSAGES.get(code, "Error")
+
+
+def _suno_clip_id(task_id: str, index: int) -> str:
+    h = hashlib.sha256(f"{task_id}\0{index}".encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def _suno_clips(origin: str, task: _SunoTask, stage: int) -> list[dict[str, Any]]:
+    """Clips as record-info shows them: listed from TEXT_SUCCESS, first audio at FIRST_SUCCESS, all at SUCCESS."""
+    if stage < 1:
+        return []
+    request = task.request
+    prompt = str(request.get("prompt") or "")
+    model = str(request.get("model") or "V4_5ALL")
+    title = str(request.get("title") or " ".join(prompt.split()[:4]) or "Untitled")
+    clips = []
+    for index, clip_id in enumerate(task.clip_ids):
+        ready = stage >= 3 or (stage == 2 and index == 0)
+        seconds = 120 + int.from_bytes(hashlib.sha256(clip_id.encode()).digest()[:2], "big") % 12000 / 100
+        clips.append(
+            {
+                "id": clip_id,
+                "audioUrl": f"{origin}/files/{clip_id}.mp3" if ready else "",
+                "streamAudioUrl": f"{origin}/files/{clip_id}.mp3?stream=1",
+                "imageUrl": f"{origin}/files/{clip_id}.png",
+                "prompt": "" if request.get("instrumental") is True else prompt,
+                "modelName": "chirp-" + model.lower().replace("_", "-"),
+                "title": title,
+                "tags": str(request.get("style") or ""),
+                "createTime": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(task.created)),
+                "duration": seconds if ready else None,
+            }
+        )
+    return clips
+
+
+def _suno_submit(
+    fake: FakeUpstream, environ: WSGIEnvironment, start_response: StartResponse, data: Any
+) -> Iterable[bytes]:
+    if not isinstance(data, dict):
+        return _respond(start_response, 200, [], _suno_body(400, "Invalid JSON body"))
+    custom = data.get("customMode") is True
+    instrumental = data.get("instrumental") is True
+    missing = [
+        name
+        for name, needed in (
+            ("prompt", not (custom and instrumental)),
+            ("style", custom),
+            ("title", custom),
+        )
+        if needed and not data.get(name)
+    ]
+    if missing:
+        return _respond(start_response, 200, [], _suno_body(400, f"Please enter {missing[0]}"))
+    if data.get("model") is not None and data["model"] not in _SUNO_MODELS:
+        return _respond(start_response, 200, [], _suno_body(400, f"Invalid model: {data['model']}"))
+    limit = 5000 if custom else 500
+    if len(str(data.get("prompt") or "")) > limit:
+        return _respond(start_response, 200, [], _suno_body(413, _SUNO_APP_MESSAGES[413]))
+
+    r = _begin(fake, environ)
+    headers: _Headers = []
+    if r.retry_after is not None:
+        headers.append(("Retry-After", r.retry_after))
+    if r.status != 200:
+        return _respond(start_response, r.status, headers, _suno_body(r.status, _suno_message(r.status, r)))
+    if r.suno_app_code != 200:
+        code = r.suno_app_code
+        return _respond(start_response, 200, headers, _suno_body(code, _suno_message(code, r)))
+    task_id = _new_id()
+    task = _SunoTask(task_id, r, dict(data), [_suno_clip_id(task_id, i) for i in range(2)], time.time())
+    with fake._lock:
+        fake._suno_tasks[task_id] = task
+        for clip_id in task.clip_ids:
+            fake._suno_clips[clip_id] = task
+    return _respond(start_response, 200, headers, _suno_body(200, "success", {"taskId": task_id}))
+
+
+def _suno_poll(fake: FakeUpstream, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    task_id = parse_qs(environ.get("QUERY_STRING", "")).get("taskId", [""])[0]
+    if not task_id:
+        return _respond(start_response, 200, [], _suno_body(400, "Please enter taskId"))
+    with fake._lock:
+        task = fake._suno_tasks.get(task_id)
+        if task is not None:
+            task.polls += 1
+            poll = task.polls - 1
+    if task is None:
+        return _respond(start_response, 200, [], _suno_body(404, _SUNO_APP_MESSAGES[404]))
+    r = task.reply
+    per_stage = r.suno_polls_per_stage
+    stage = 3 if per_stage <= 0 else min(poll // per_stage, 3)
+    error_code: int | str | None = None
+    error_message = None
+    if r.suno_fail is not None and stage > 0:
+        status = r.suno_fail
+        default_code, default_message = _SUNO_FAILURE_DETAILS[status]
+        code = r.error_code
+        error_code = int(code) if code and code.isdigit() else (code or default_code)
+        error_message = r.error_message if r.error_message != _DEFAULT_ERROR else default_message
+        clips: list[dict[str, Any]] = []
+    else:
+        status = _SUNO_STAGES[stage]
+        clips = _suno_clips(_origin(environ), task, stage)
+    record = {
+        "taskId": task_id,
+        "parentMusicId": "",
+        "param": json.dumps(task.request, ensure_ascii=False),
+        "response": {"taskId": task_id, "sunoData": clips},
+        "status": status,
+        "type": "GENERATE",
+        "errorCode": error_code,
+        "errorMessage": error_message,
+    }
+    return _respond(start_response, 200, [], _suno_body(200, "success", record))
+
+
+def _suno_file(
+    fake: FakeUpstream, environ: WSGIEnvironment, start_response: StartResponse, path: str
+) -> Iterable[bytes]:
+    name = path[len("/files/") :]
+    clip_id, _, extension = name.rpartition(".")
+    with fake._lock:
+        task = fake._suno_clips.get(clip_id)
+    if task is None or extension not in ("mp3", "png"):
+        start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "9")])
+        return [b"Not Found"]
+    if environ["REQUEST_METHOD"] != "GET":
+        start_response("405 Method Not Allowed", [("Content-Type", "text/plain"), ("Content-Length", "18")])
+        return [b"Method Not Allowed"]
+    if extension == "png":
+        body, content_type = fake_png(clip_id, 0), "image/png"
+    else:
+        body, content_type = fake_clip(clip_id), "audio/mpeg"
+    fake._served([body])
+    return _send_bytes(environ, start_response, [], content_type, body, task.reply)
+
+
+def _suno(
+    fake: FakeUpstream,
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    data: Any,
+) -> Iterable[bytes]:
+    path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
+    if path.startswith("/files/"):
+        return _suno_file(fake, environ, start_response, path)
+    routes = {"/api/v1/generate": "POST", "/api/v1/generate/record-info": "GET"}
+    if path not in routes:
+        return _respond(start_response, 404, [], _suno_body(404, f"Not Found: {path}"))
+    if method != routes[path]:
+        return _respond(start_response, 405, [], _suno_body(405, f"Request method '{method}' not supported"))
+    if not _bearer(environ):
+        return _respond(start_response, 401, [], _suno_body(401, _SUNO_APP_MESSAGES[401]))
+    if path == "/api/v1/generate":
+        return _suno_submit(fake, environ, start_response, data)
+    return _suno_poll(fake, environ, start_response)
+
+
 # --------------------------------------------------------------------------- WSGI app
 
 
 def make_wsgi_app(fake: FakeUpstream) -> WSGIApplication:
-    """The WSGI callable serving all three providers from `fake`'s queue and default reply."""
+    """The WSGI callable serving every faked provider from `fake`'s queue and default reply."""
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
@@ -856,6 +1455,12 @@ def make_wsgi_app(fake: FakeUpstream) -> WSGIApplication:
             provider, handler = "gemini", _gemini
         elif path.startswith("/v1/messages"):
             provider, handler = "anthropic", _anthropic
+        elif path.startswith("/v1/images/"):
+            provider, handler = "openai_images", _openai_images
+        elif path.startswith(_TTS_PREFIX):
+            provider, handler = "elevenlabs", _elevenlabs
+        elif path.startswith(("/api/v1/", "/files/")):
+            provider, handler = "suno", _suno
         else:
             provider, handler = "openai", _openai
         raw = _read_body(environ)
@@ -884,7 +1489,7 @@ def create_app() -> WSGIApplication:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve the fake chat upstreams until killed.")
+    parser = argparse.ArgumentParser(description="Serve the fake upstreams until killed.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8099)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each response")

@@ -1,0 +1,121 @@
+"""Media routes: submit speech, image and music jobs; poll, list, download and cancel them."""
+
+from __future__ import annotations
+
+import re
+
+from flask import Response, g, jsonify, request, url_for
+
+from broker import media, pricing
+from broker.api import bp, parse
+from broker.api.account import _int_arg
+from broker.errors import InvalidRequest, NotFound
+from broker.extensions import services
+from broker.schemas import ImageRequest, MusicRequest, SpeechRequest
+
+MAX_WAIT_SECONDS = 30
+
+
+def _content_url(job_id: str, index: int) -> str:
+    return url_for("api.job_content", job_id=job_id, index=index)
+
+
+def _job_response(job, status: int, extra_headers: dict | None = None) -> Response:
+    session = services().db()
+    response = jsonify(media.job_json(job, media.results_of(session, job.id), _content_url))
+    response.status_code = status
+    response.headers.update(extra_headers or {})
+    return response
+
+
+def _prefer_wait() -> int:
+    """Seconds from ``Prefer: wait=N`` (at most 30), 0 when absent."""
+    match = re.search(r"\bwait=(\d+)", request.headers.get("Prefer", ""))
+    return min(int(match.group(1)), MAX_WAIT_SECONDS) if match else 0
+
+
+def _submit(job_type: str, model) -> Response:
+    svc = services()
+    req = parse(model)
+    session = svc.db()
+    job, balance = media.submit(svc.media, session, g.caller, job_type, req, g.request_id)
+    headers = {
+        "Location": url_for("api.get_job", job_id=job.id),
+        "X-Credits-Held": pricing.format_credits(job.hold_ucr),
+        "X-Credits-Remaining": pricing.format_credits(balance),
+    }
+    wait = _prefer_wait()
+    if wait:
+        media.wait_for(svc.media, job.id, wait)
+        session.refresh(job)
+        if job.status in media.TERMINAL:
+            headers["X-Credits-Remaining"] = pricing.format_credits(svc.ledger.balance(g.caller.account_id))
+            if job.cost_ucr is not None:
+                headers["X-Credits-Charged"] = pricing.format_credits(job.cost_ucr)
+            headers["Preference-Applied"] = f"wait={wait}"
+            return _job_response(job, 200, headers)
+    return _job_response(job, 202, headers)
+
+
+@bp.post("/tts")
+def submit_tts() -> Response:
+    return _submit("tts", SpeechRequest)
+
+
+@bp.post("/image")
+def submit_image() -> Response:
+    return _submit("image", ImageRequest)
+
+
+@bp.post("/music")
+def submit_music() -> Response:
+    return _submit("music", MusicRequest)
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    job = media.get_job(services().db(), g.caller.account_id, job_id)
+    headers = {}
+    if job.cost_ucr is not None:
+        headers["X-Credits-Charged"] = pricing.format_credits(job.cost_ucr)
+    return _job_response(job, 200, headers)
+
+
+@bp.get("/jobs/<job_id>/content")
+def job_content(job_id: str) -> Response:
+    svc = services()
+    session = svc.db()
+    job = media.get_job(session, g.caller.account_id, job_id)
+    index = _int_arg("index", 0, 0, 100)
+    result = next((r for r in media.results_of(session, job.id) if r.index == index), None)
+    if result is None or job.media_expired:
+        raise NotFound(f"Job '{job_id}' has no result {index}.", param="index")
+    storage = svc.media.storage
+    return Response(
+        storage.stream(result.storage_key),
+        mimetype=result.content_type,
+        headers={"Content-Length": str(result.bytes), "Cache-Control": "private, max-age=3600"},
+    )
+
+
+@bp.get("/jobs")
+def list_jobs() -> Response:
+    status = request.args.get("status")
+    job_type = request.args.get("type")
+    if status and status not in ("queued", "running", *media.TERMINAL):
+        raise InvalidRequest("'status' must be queued, running, succeeded, failed or canceled.", param="status")
+    if job_type and job_type not in media.KINDS:
+        raise InvalidRequest("'type' must be tts, image or music.", param="type")
+    session = services().db()
+    jobs, more = media.list_jobs(
+        session, g.caller.account_id, _int_arg("limit", 20, 1, 100), request.args.get("cursor"), status, job_type
+    )
+    data = [media.job_json(job, media.results_of(session, job.id), _content_url) for job in jobs]
+    return jsonify({"object": "list", "data": data, "has_more": more, "next_cursor": jobs[-1].id if more else None})
+
+
+@bp.delete("/jobs/<job_id>")
+def cancel_job(job_id: str) -> Response:
+    svc = services()
+    job = media.cancel(svc.media, svc.db(), g.caller.account_id, job_id)
+    return _job_response(job, 200, {"X-Credits-Remaining": pricing.format_credits(svc.ledger.balance(job.account_id))})

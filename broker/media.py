@@ -1,0 +1,487 @@
+"""Media jobs (speech, images, music): validate, price, hold, enqueue; the worker's run; polling and cancel.
+
+A web process never calls a media provider. It holds the worst-case price, records
+the job and enqueues ``broker.jobs.run_media_job`` by name. The job claims its row
+with a compare-and-set, calls the provider, stores the outputs, settles the hold
+with the provider's actual usage and marks the job succeeded. The settle is
+idempotent by hold id and every status change is a compare-and-set, so a second run
+of the same job changes nothing. A job whose worker died is finished by the cron
+(``finish_stuck``) once its lease has run out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import redis
+from rq import Queue, Retry
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from broker import pricing
+from broker.errors import (
+    BrokerError,
+    Conflict,
+    InsufficientCredits,
+    InvalidRequest,
+    NotFound,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
+from broker.keys import Caller
+from broker.ledger import Ledger
+from broker.models import Job, JobResult
+from broker.pricing import ModelPrice, PriceTable
+from broker.providers.base import ImageProvider, MediaFile, MusicProvider, SpeechProvider
+from broker.providers.elevenlabs import OUTPUT_FORMATS
+from broker.schemas import ImageRequest, MusicRequest, SpeechRequest
+from broker.storage import Storage
+
+log = logging.getLogger(__name__)
+
+KINDS = {"tts": "tts", "image": "image", "music": "music"}
+TERMINAL = ("succeeded", "failed", "canceled")
+# Some ElevenLabs library voices bill a multiple of the model's rate; hold for that.
+VOICE_MULTIPLIER_BOUND = 2
+DONE_KEY = "job-done:"
+
+
+@dataclass
+class MediaContext:
+    """What the media path needs from the app, handed in so this module stays Flask-free."""
+
+    ledger: Ledger
+    prices: PriceTable
+    speech: dict[str, SpeechProvider]
+    images: dict[str, ImageProvider]
+    music: dict[str, MusicProvider]
+    storage: Storage
+    queue: Queue
+    redis: redis.Redis
+    markup: Decimal
+    credit_usd: Decimal
+    elevenlabs_credit_usd: Decimal | None
+    lease_seconds: int
+    hold_ttl: int
+    retry_intervals: list[int]
+    music_poll_seconds: float
+    music_max_wait: int
+
+    def charge(self, cost_usd: Decimal) -> int:
+        return pricing.charge_ucr(cost_usd, self.markup, self.credit_usd)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    if moment is None or moment.tzinfo:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+# -- submit ------------------------------------------------------------------------
+
+
+def _resolve(ctx: MediaContext, job_type: str, model: str) -> ModelPrice:
+    served = {"tts": ctx.speech, "image": ctx.images, "music": ctx.music}[job_type]
+    price = ctx.prices.resolve(model, set(served))
+    if price.kind != KINDS[job_type]:
+        raise InvalidRequest(f"'{price.id}' is not a {job_type} model.", param="model")
+    return price
+
+
+def _speech_bound_usd(ctx: MediaContext, price: ModelPrice, req: SpeechRequest) -> Decimal:
+    if req.output_format not in OUTPUT_FORMATS:
+        raise InvalidRequest(
+            f"Unknown output_format '{req.output_format}'. One of: {', '.join(OUTPUT_FORMATS)}.",
+            param="output_format",
+        )
+    if len(req.text) > price.max_chars:
+        raise InvalidRequest(f"text is longer than {price.max_chars} characters for {price.id}.", param="text")
+    units = math.ceil(len(req.text) * price.units_per_char * VOICE_MULTIPLIER_BOUND)
+    by_table = pricing.speech_cost_usd(price, len(req.text), None, None) * VOICE_MULTIPLIER_BOUND
+    by_units = pricing.speech_cost_usd(price, len(req.text), units, _unit_usd(ctx, price))
+    return max(by_table, by_units)
+
+
+def _image_bound_usd(price: ModelPrice, req: ImageRequest) -> Decimal:
+    if req.n > price.max_images:
+        raise InvalidRequest(f"n must be at most {price.max_images} for {price.id}.", param="n")
+    per_image = pricing.image_output_bound(price, req.size, req.quality)
+    text = pricing.text_token_bound(req.prompt) * price.input
+    return (text + req.n * per_image * price.output) / pricing.MILLION
+
+
+def _music_bound_usd(price: ModelPrice, req: MusicRequest) -> Decimal:
+    if not req.prompt and not req.lyrics:
+        raise InvalidRequest("Give either 'prompt' (a description) or 'lyrics' with 'style'.", param="prompt")
+    if req.lyrics and not req.style:
+        raise InvalidRequest("'lyrics' needs a 'style'.", param="style")
+    return price.usd_per_generation
+
+
+def _unit_usd(ctx: MediaContext, price: ModelPrice) -> Decimal | None:
+    return ctx.elevenlabs_credit_usd if price.provider == "elevenlabs" else None
+
+
+def submit(
+    ctx: MediaContext,
+    session: Session,
+    caller: Caller,
+    job_type: str,
+    req: SpeechRequest | ImageRequest | MusicRequest,
+    request_id: str,
+) -> tuple[Job, int]:
+    """Validate, hold the worst-case price, record and enqueue the job; returns it and the balance."""
+    price = _resolve(ctx, job_type, req.model)
+    bound = {
+        "tts": lambda: _speech_bound_usd(ctx, price, req),
+        "image": lambda: _image_bound_usd(price, req),
+        "music": lambda: _music_bound_usd(price, req),
+    }[job_type]()
+    amount = ctx.charge(bound)
+    hold = ctx.ledger.hold(caller.account_id, request_id, amount, 0, 1, 1, ttl=ctx.hold_ttl)
+    if not hold.ok:
+        raise InsufficientCredits(
+            f"Insufficient credits: this {job_type} job needs up to {pricing.format_credits(amount)} credits "
+            f"and the balance is {pricing.format_credits(hold.balance)}."
+        )
+    job = Job(
+        id="job_" + uuid.uuid4().hex[:24],
+        account_id=caller.account_id,
+        key_id=caller.key_id,
+        type=job_type,
+        model=price.id,
+        status="queued",
+        params=req.model_dump_json(exclude={"model"}),
+        hold_id=request_id,
+        hold_ucr=hold.amount,
+        created_at=_now(),
+    )
+    try:
+        session.add(job)
+        session.commit()
+        ctx.queue.enqueue(
+            "broker.jobs.run_media_job",
+            job.id,
+            job_id=job.id,
+            retry=Retry(max=len(ctx.retry_intervals), interval=ctx.retry_intervals),
+            job_timeout=ctx.lease_seconds + (ctx.music_max_wait if job_type == "music" else 0),
+            result_ttl=3600,
+            failure_ttl=7 * 86400,
+        )
+    except Exception:
+        session.rollback()
+        ctx.ledger.release(caller.account_id, request_id, _receipt(ctx, job, price, "error", Decimal(0), {}))
+        _set_status(session, job.id, ("queued",), "failed", error_type="enqueue_failed", error_message="not queued")
+        raise
+    return job, hold.balance
+
+
+# -- read, wait, cancel ---------------------------------------------------------------
+
+
+def get_job(session: Session, account_id: int, job_id: str) -> Job:
+    """The caller's job; any other account's job, or none, is the same 404."""
+    job = session.get(Job, job_id)
+    if job is None or job.account_id != account_id:
+        raise NotFound(f"No job '{job_id}'.", param="id")
+    return job
+
+
+def results_of(session: Session, job_id: str) -> list[JobResult]:
+    return list(session.scalars(select(JobResult).where(JobResult.job_id == job_id).order_by(JobResult.index)))
+
+
+def job_json(job: Job, results: list[JobResult], url_for_content) -> dict:
+    body = {
+        "id": job.id,
+        "object": "job",
+        "type": job.type,
+        "model": job.model,
+        "status": job.status,
+        "created_at": _utc(job.created_at).isoformat(),
+        "started_at": _utc(job.started_at).isoformat() if job.started_at else None,
+        "finished_at": _utc(job.finished_at).isoformat() if job.finished_at else None,
+        "progress": job.progress,
+        "hold_credits": pricing.format_credits(job.hold_ucr),
+        "cost_credits": pricing.format_credits(job.cost_ucr) if job.cost_ucr is not None else None,
+        "request_id": job.hold_id,
+        "error": {"type": job.error_type, "message": job.error_message} if job.status == "failed" else None,
+        "media_expired": job.media_expired,
+        "results": [
+            {
+                "index": r.index,
+                "content_type": r.content_type,
+                "bytes": r.bytes,
+                "url": None if job.media_expired else url_for_content(job.id, r.index),
+            }
+            for r in results
+        ],
+    }
+    return body
+
+
+def list_jobs(
+    session: Session, account_id: int, limit: int, before: str | None, status: str | None, job_type: str | None
+) -> tuple[list[Job], bool]:
+    """Newest first; ``before`` is the last job id of the previous page."""
+    query = select(Job).where(Job.account_id == account_id)
+    if before:
+        anchor = get_job(session, account_id, before)
+        query = query.where(
+            (Job.created_at < anchor.created_at) | ((Job.created_at == anchor.created_at) & (Job.id < anchor.id))
+        )
+    if status:
+        query = query.where(Job.status == status)
+    if job_type:
+        query = query.where(Job.type == job_type)
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def wait_for(ctx: MediaContext, job_id: str, seconds: int) -> None:
+    """Block until the worker signals the job's end, or ``seconds`` pass (one BLPOP)."""
+    if seconds > 0:
+        ctx.redis.blpop([DONE_KEY + job_id], timeout=seconds)
+
+
+def cancel(ctx: MediaContext, session: Session, account_id: int, job_id: str) -> Job:
+    """Cancel a queued job and release its hold; a running or finished one is a 409."""
+    job = get_job(session, account_id, job_id)
+    if not _set_status(session, job.id, ("queued",), "canceled"):
+        session.refresh(job)
+        raise Conflict(f"Job '{job_id}' is {job.status}; only a queued job can be canceled.", param="id")
+    price = ctx.prices.models[job.model]
+    ctx.ledger.release(account_id, job.hold_id, _receipt(ctx, job, price, "canceled", Decimal(0), {}))
+    _signal(ctx, job.id, "canceled")
+    session.refresh(job)
+    return job
+
+
+# -- the worker's side ---------------------------------------------------------------
+
+
+def _set_status(session: Session, job_id: str, expected: tuple[str, ...], new: str, **values) -> bool:
+    """Compare-and-set the status; True when this call made the change."""
+    if new in TERMINAL:
+        values.setdefault("finished_at", _now())
+    result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(expected)).values(status=new, **values))
+    session.commit()
+    return result.rowcount == 1
+
+
+def _claim(ctx: MediaContext, session: Session, job_id: str) -> Job | None:
+    """queued → running, or take over a running job whose lease ran out; None if not ours to run."""
+    now = _now()
+    lease = now + timedelta(seconds=ctx.lease_seconds)
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .where((Job.status == "queued") | ((Job.status == "running") & (Job.lease_until < now)))
+        .values(status="running", lease_until=lease, started_at=now, attempts=Job.attempts + 1)
+    )
+    session.commit()
+    if result.rowcount != 1:
+        return None
+    return session.get(Job, job_id)
+
+
+def run(ctx: MediaContext, session: Session, job_id: str, final_attempt: bool) -> str:
+    """Run one job; returns its outcome. Raises only to ask RQ for a retry."""
+    job = _claim(ctx, session, job_id)
+    if job is None:
+        return "skipped"
+    price = ctx.prices.models[job.model]
+    params = json.loads(job.params)
+    try:
+        files, cost, detail = _generate(ctx, session, job, price, params)
+    except UpstreamRejected as error:
+        _fail(ctx, session, job, price, error)
+        return "failed"
+    except BrokerError as error:
+        if not final_attempt:
+            _set_status(session, job.id, ("running",), "queued", error_type=error.code, error_message=error.message)
+            raise
+        _fail(ctx, session, job, price, error)
+        return "failed"
+    for index, media in enumerate(files):
+        ctx.storage.put(f"{job.id}/{index}", media.data, media.content_type)
+    _record_results(session, job.id, files)
+    receipt = _receipt(ctx, job, price, "ok", cost, detail)
+    ended = ctx.ledger.end_hold(job.account_id, job.hold_id, ctx.charge(cost), receipt)
+    charged = ended.charged if ended.status != "unknown" else 0
+    _set_status(session, job.id, ("running",), "succeeded", cost_ucr=charged, progress=100, error_type=None)
+    _signal(ctx, job.id, "succeeded")
+    return "succeeded"
+
+
+def _record_results(session: Session, job_id: str, files: list[MediaFile]) -> None:
+    existing = {r.index for r in results_of(session, job_id)}
+    for index, media in enumerate(files):
+        if index not in existing:
+            session.add(
+                JobResult(
+                    job_id=job_id,
+                    index=index,
+                    content_type=media.content_type,
+                    bytes=len(media.data),
+                    storage_key=f"{job_id}/{index}",
+                )
+            )
+    session.commit()
+
+
+def _fail(ctx: MediaContext, session: Session, job: Job, price: ModelPrice, error: BrokerError) -> None:
+    receipt = _receipt(ctx, job, price, "error", Decimal(0), {})
+    receipt["error_code"] = error.code
+    ctx.ledger.release(job.account_id, job.hold_id, receipt)
+    _set_status(session, job.id, ("running",), "failed", error_type=error.code, error_message=error.message)
+    _signal(ctx, job.id, "failed")
+
+
+def _signal(ctx: MediaContext, job_id: str, status: str) -> None:
+    pipe = ctx.redis.pipeline(transaction=False)
+    pipe.lpush(DONE_KEY + job_id, status)
+    pipe.expire(DONE_KEY + job_id, 60)
+    pipe.execute()
+
+
+def _generate(
+    ctx: MediaContext, session: Session, job: Job, price: ModelPrice, params: dict
+) -> tuple[list[MediaFile], Decimal, dict]:
+    if job.type == "tts":
+        result = ctx.speech[price.provider].synthesize(
+            price.upstream_model, params["text"], params["voice_id"], params["output_format"], params["voice_settings"]
+        )
+        characters = len(params["text"])
+        cost = pricing.speech_cost_usd(price, characters, result.billed_units, _unit_usd(ctx, price))
+        detail = {
+            "characters": characters,
+            "billed_units": result.billed_units,
+            "estimated": result.billed_units is None,
+        }
+        return [result.audio], cost, detail
+    if job.type == "image":
+        result = ctx.images[price.provider].generate(
+            price.upstream_model, params["prompt"], params["size"], params["quality"], params["n"]
+        )
+        if result.usage is None:
+            cost = _image_bound_usd(price, ImageRequest(model=price.id, **params))
+            return result.images, cost, {"images": len(result.images), "estimated": True}
+        usage = result.usage
+        detail = {
+            "images": len(result.images),
+            "text_input_tokens": usage.text_input_tokens,
+            "image_input_tokens": usage.image_input_tokens,
+            "image_output_tokens": usage.image_output_tokens,
+            "text_output_tokens": usage.text_output_tokens,
+            "estimated": False,
+        }
+        return result.images, pricing.image_cost_usd(price, usage), detail
+    return _run_music(ctx, session, job, price, params)
+
+
+def _run_music(
+    ctx: MediaContext, session: Session, job: Job, price: ModelPrice, params: dict
+) -> tuple[list[MediaFile], Decimal, dict]:
+    """Submit once (the task id is kept, so a retry polls instead of paying twice), poll, download."""
+    provider = ctx.music[price.provider]
+    if not job.upstream_task_id:
+        job.upstream_task_id = provider.submit(
+            price.upstream_model, params["prompt"], params["lyrics"], params["style"], params["instrumental"]
+        )
+        session.commit()
+    deadline = time.monotonic() + ctx.music_max_wait
+    while True:
+        task = provider.poll(job.upstream_task_id)
+        job.progress = task.progress
+        job.lease_until = _now() + timedelta(seconds=ctx.lease_seconds)
+        session.commit()
+        if task.status == "succeeded":
+            break
+        if task.status == "failed":
+            raise UpstreamRejected(
+                f"The music generation failed: {task.error or 'no reason given'}.", code="generation_failed"
+            )
+        if time.monotonic() > deadline:
+            raise UpstreamTimeout("The music generation did not finish in time.")
+        time.sleep(ctx.music_poll_seconds)
+    files = [provider.download(url) for url in task.clip_urls]
+    return files, price.usd_per_generation, {"clips": len(files), "task_id": job.upstream_task_id}
+
+
+def _receipt(ctx: MediaContext, job: Job, price: ModelPrice, status: str, cost: Decimal, detail: dict) -> dict:
+    return {
+        "request_id": job.hold_id,
+        "key_id": job.key_id,
+        "endpoint": job.type,
+        "provider": price.provider,
+        "model": price.id,
+        "status": status,
+        "input_tokens": detail.get("text_input_tokens", detail.get("characters", 0)),
+        "output_tokens": detail.get("image_output_tokens", 0),
+        "cost_usd": str(cost),
+        "markup": str(ctx.markup),
+        "hold_ucr": job.hold_ucr,
+        "estimated": bool(detail.get("estimated")),
+        "detail": json.dumps({"job_id": job.id, **detail}),
+        "started_at": (_utc(job.started_at) or _utc(job.created_at)).isoformat(),
+        "finished_at": _now().isoformat(),
+    }
+
+
+# -- housekeeping -----------------------------------------------------------------------
+
+
+def finish_stuck(ctx: MediaContext, session: Session) -> list[str]:
+    """Bring running jobs whose lease ran out (their worker died) to a terminal state.
+
+    If the hold was already settled the job had finished its work: it succeeds with
+    that charge. Otherwise the hold is released (exactly once: the release is
+    idempotent by hold id) and the job fails with ``worker_lost``.
+    """
+    stuck = session.scalars(select(Job).where(Job.status == "running", Job.lease_until < _now()))
+    finished = []
+    for job in list(stuck):
+        state, charged = ctx.ledger.hold_state(job.account_id, job.hold_id)
+        if state == "ended" and results_of(session, job.id):
+            done = _set_status(session, job.id, ("running",), "succeeded", cost_ucr=charged, progress=100)
+        else:
+            price = ctx.prices.models[job.model]
+            receipt = _receipt(ctx, job, price, "error", Decimal(0), {})
+            receipt["error_code"] = "worker_lost"
+            ctx.ledger.release(job.account_id, job.hold_id, receipt)
+            done = _set_status(
+                session,
+                job.id,
+                ("running",),
+                "failed",
+                error_type="worker_lost",
+                error_message="The worker running this job stopped; the held credits were released.",
+            )
+        if done:
+            _signal(ctx, job.id, "finished")
+            finished.append(job.id)
+    return finished
+
+
+def purge_media(ctx: MediaContext, session: Session, older_than_days: int) -> int:
+    """Delete stored outputs of jobs finished more than N days ago; the job rows stay, marked expired."""
+    cutoff = _now() - timedelta(days=older_than_days)
+    jobs = list(session.scalars(select(Job).where(Job.finished_at < cutoff, Job.media_expired.is_(False))))
+    for job in jobs:
+        for result in results_of(session, job.id):
+            ctx.storage.delete(result.storage_key)
+        job.media_expired = True
+    session.commit()
+    return len(jobs)
