@@ -178,11 +178,6 @@ def format_credits(ucr: int) -> str:
     return f"{sign}{whole}.{frac:06d}"
 
 
-def usd_per_million_in_credits(usd: Decimal, markup: Decimal, credit_usd: Decimal) -> str:
-    """Credits charged per 1M tokens at a USD price, as a plain decimal string ("13.5")."""
-    return format((usd * markup / credit_usd).normalize(), "f")
-
-
 def text_token_bound(text: str) -> int:
     """An upper bound on the tokens a text can be: a BPE token is never shorter than one byte."""
     return len(text.encode())
@@ -191,3 +186,29 @@ def text_token_bound(text: str) -> int:
 def text_token_estimate(text: str) -> int:
     """A typical token count for a text (about four bytes a token), used when usage is missing."""
     return math.ceil(len(text.encode()) / 4)
+
+
+def price_summary(price: ModelPrice, markup: Decimal, credit_usd: Decimal) -> dict:
+    """A model's prices in credits (markup applied) by its kind: what /v1/models and the pricing page show."""
+
+    def credits(usd: Decimal) -> str:
+        return format((usd * markup / credit_usd).normalize(), "f")
+
+    if price.kind == "chat":
+        rates = {n: credits(getattr(price, n)) for n in ("input", "cached_input", "cache_write", "output")}
+        return {"unit": "credits per 1M tokens", **rates}
+    if price.kind == "image":
+        per_image = {
+            quality: {size: credits(tokens * price.output / MILLION) for size, tokens in sizes.items()}
+            for quality, sizes in price.image_output_tokens.items()
+        }
+        return {
+            "unit": "credits per 1M tokens",
+            "text_input": credits(price.input),
+            "image_input": credits(price.image_input),
+            "image_output": credits(price.output),
+            "per_image_output": per_image,
+        }
+    if price.kind == "tts":
+        return {"unit": "credits per 1k characters", "per_1k_characters": credits(price.usd_per_1k_chars)}
+    return {"unit": "credits per generation", "per_generation": credits(price.usd_per_generation)}

@@ -331,3 +331,12 @@ def _state(app) -> tuple:
     rows = tuple(tuple(map(tuple, session.execute(text(f"select * from {t} order by 1")).all())) for t in tables)
     redis_state = {k: svc.redis.dump(k) for k in svc.redis.keys("*") if not k.startswith("rq:")}
     return rows, redis_state
+
+
+def test_models_list_media_prices_in_credits_with_markup(client, tenant):
+    data = {m["id"]: m for m in client.get("/v1/models", headers=tenant.headers).json["data"]}
+    # $0.05 per 1k characters, $0.06 a song, 1,056 tokens × $40 per 1M an image; × 1.8 ÷ $0.01
+    assert data["elevenlabs/eleven_flash_v2_5"]["pricing"]["per_1k_characters"] == "9"
+    assert data["suno/V4_5ALL"]["pricing"]["per_generation"] == "10.8"
+    assert data["openai/gpt-image-1"]["pricing"]["per_image_output"]["medium"]["1024x1024"] == "7.6032"
+    assert data["demo/tts"]["kind"] == "tts"

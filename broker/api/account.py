@@ -31,31 +31,26 @@ def balance():
 def models():
     svc = services()
     m = svc.metering
-    data = []
-    for price in svc.prices.models.values():
-        if price.provider not in svc.providers:
-            continue
-        per_1m = {
-            name: pricing.usd_per_million_in_credits(getattr(price, name), m.markup, m.credit_usd)
-            for name in ("input", "cached_input", "cache_write", "output")
+    data = [
+        {
+            "id": price.id,
+            "object": "model",
+            "created": 0,
+            "owned_by": price.provider,
+            "kind": price.kind,
+            "max_output_tokens": price.max_output_tokens or None,
+            "context_window": price.context_window or None,
+            "pricing": {"markup": str(m.markup), **pricing.price_summary(price, m.markup, m.credit_usd)},
         }
-        data.append(
-            {
-                "id": price.id,
-                "object": "model",
-                "created": 0,
-                "owned_by": price.provider,
-                "kind": price.kind,
-                "max_output_tokens": price.max_output_tokens,
-                "context_window": price.context_window,
-                "pricing": {
-                    "unit": "credits per 1M tokens",
-                    "markup": str(m.markup),
-                    **per_1m,
-                },
-            }
-        )
+        for price in svc.prices.models.values()
+        if _serves(svc, price)
+    ]
     return jsonify({"object": "list", "data": data})
+
+
+def _serves(svc, price) -> bool:
+    by_kind = {"chat": svc.providers, "tts": svc.media.speech, "image": svc.media.images, "music": svc.media.music}
+    return price.provider in by_kind[price.kind]
 
 
 def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
