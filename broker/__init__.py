@@ -36,9 +36,11 @@ def register_blueprints(app: Flask) -> None:
     from broker.api import bp as api_bp
     from broker.api.errors import register_error_handlers
     from broker.web import bp as public_bp
+    from broker.web.docs import bp as docs_bp
 
     app.register_blueprint(api_bp)
     app.register_blueprint(public_bp)
+    app.register_blueprint(docs_bp)
     register_error_handlers(app)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -139,3 +140,194 @@ class MusicRequest(BaseModel):
     style: str | None = Field(default=None, min_length=1, max_length=200)
     title: str | None = Field(default=None, max_length=100)
     instrumental: bool = False
+
+
+# -- query strings -------------------------------------------------------------------
+
+
+class UsageQuery(BaseModel):
+    """Query of ``GET /v1/usage``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    limit: int = Field(default=20, ge=1, le=100)
+    cursor: int | None = Field(default=None, ge=1, description="next_cursor of the previous page")
+    from_: datetime | None = Field(default=None, alias="from", description="ISO 8601; requests started at or after")
+    to: datetime | None = Field(default=None, description="ISO 8601; requests started before")
+    model: str | None = Field(default=None, max_length=200)
+
+
+class JobsQuery(BaseModel):
+    """Query of ``GET /v1/jobs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(default=20, ge=1, le=100)
+    cursor: str | None = Field(default=None, max_length=40, description="next_cursor of the previous page")
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"] | None = None
+    type: Literal["tts", "image", "music"] | None = None
+
+
+class ContentQuery(BaseModel):
+    """Query of ``GET /v1/jobs/{job_id}/content``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(default=0, ge=0, le=100)
+
+
+# -- responses ---------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    code: str
+    message: str
+    param: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error: OpenAI's envelope, so its SDK raises the matching exception."""
+
+    error: ErrorDetail
+
+
+class Balance(BaseModel):
+    object: Literal["balance"]
+    available_credits: str
+    held_credits: str
+    available_ucr: int
+    held_ucr: int
+    credit_usd: str
+
+
+class ModelInfo(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    kind: Literal["chat", "tts", "image", "music"]
+    max_output_tokens: int | None
+    context_window: int | None
+    pricing: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelInfo]
+
+
+class ReceiptTokens(BaseModel):
+    input: int
+    cached_input: int
+    cache_write: int
+    cache_write_1h: int
+    output: int
+
+
+class ReceiptFlags(BaseModel):
+    estimated: bool
+    capped: bool
+
+
+class Receipt(BaseModel):
+    """What one metered request cost, and why."""
+
+    id: str
+    object: Literal["receipt"]
+    endpoint: str
+    provider: str
+    model: str
+    status: str
+    stream: bool
+    tokens: ReceiptTokens
+    provider_cost_usd: str
+    markup: str
+    credits_charged: str
+    charged_ucr: int
+    hold_ucr: int
+    flags: ReceiptFlags
+    error_code: str | None
+    detail: dict[str, Any] | None
+    started_at: str
+    finished_at: str
+
+
+class UsageList(BaseModel):
+    object: Literal["list"]
+    data: list[Receipt]
+    has_more: bool
+    next_cursor: int | None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: Any = None
+    finish_reason: str
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: dict[str, int]
+    cost_credits: float = Field(description="Credits charged for this request")
+
+
+class ChatCompletion(BaseModel):
+    """A chat completion (``stream: false``); with ``stream: true`` the body is ``text/event-stream``
+    of ``chat.completion.chunk`` objects ending with a usage chunk and ``data: [DONE]``."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+    request_id: str
+
+
+class JobResultOut(BaseModel):
+    index: int
+    content_type: str
+    bytes: int
+    url: str | None
+
+
+class JobError(BaseModel):
+    type: str | None
+    message: str | None
+
+
+class JobOut(BaseModel):
+    """A media job as the client polls it."""
+
+    id: str
+    object: Literal["job"]
+    type: Literal["tts", "image", "music"]
+    model: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    progress: int | None
+    hold_credits: str
+    cost_credits: str | None
+    request_id: str
+    error: JobError | None
+    media_expired: bool
+    results: list[JobResultOut]
+
+
+class JobList(BaseModel):
+    object: Literal["list"]
+    data: list[JobOut]
+    has_more: bool
+    next_cursor: str | None

@@ -31,8 +31,17 @@ def parse(model: type[BaseModel]) -> BaseModel:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return _validate(model, body)
+
+
+def parse_query(model: type[BaseModel]) -> BaseModel:
+    """The query string validated by ``model``; a 400 naming the offending parameter otherwise."""
+    return _validate(model, request.args.to_dict())
+
+
+def _validate(model: type[BaseModel], data: dict) -> BaseModel:
     try:
-        return model.model_validate(body)
+        return model.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from flask import g, jsonify, request
+from flask import g, jsonify
 
 from broker import pricing, usage
-from broker.api import bp
-from broker.errors import InvalidRequest
+from broker.api import bp, parse_query
+from broker.api.openapi import operation
 from broker.extensions import services
+from broker.schemas import Balance, ModelList, Receipt, UsageList, UsageQuery
 
 
 @bp.get("/balance")
+@operation(summary="Your available and held credits", tag="Account", response=Balance)
 def balance():
     snap = services().ledger.snapshot(g.caller.account_id)
     return jsonify(
@@ -28,6 +28,7 @@ def balance():
 
 
 @bp.get("/models")
+@operation(summary="Models you can call, with prices in credits", tag="Account", response=ModelList)
 def models():
     svc = services()
     m = svc.metering
@@ -53,43 +54,38 @@ def _serves(svc, price) -> bool:
     return price.provider in by_kind[price.kind]
 
 
-def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise InvalidRequest(f"'{name}' must be an integer from {low} to {high}.", param=name)
-    return int(raw)
-
-
-def _date_arg(name: str) -> datetime | None:
-    raw = request.args.get(name)
-    if raw is None:
-        return None
-    try:
-        return datetime.fromisoformat(raw)
-    except ValueError:
-        raise InvalidRequest(f"'{name}' must be an ISO 8601 date or time.", param=name) from None
-
-
 @bp.get("/usage")
+@operation(
+    summary="Your metered requests, newest first",
+    tag="Account",
+    query=UsageQuery,
+    response=UsageList,
+)
 def usage_list():
     svc = services()
     session = svc.db()
     svc.ledger.drain(session, [g.caller.account_id])
+    query = parse_query(UsageQuery)
     page = usage.list_usage(
         session,
         g.caller.account_id,
-        limit=_int_arg("limit", 20, 1, 100),
-        before=_int_arg("cursor", None, 1, 2**62),
-        since=_date_arg("from"),
-        until=_date_arg("to"),
-        model=request.args.get("model"),
+        limit=query.limit,
+        before=query.cursor,
+        since=query.from_,
+        until=query.to,
+        model=query.model,
     )
     return jsonify(page)
 
 
 @bp.get("/requests/<request_id>")
+@operation(
+    summary="The receipt of one request",
+    description="`request_id` is the `X-Request-Id` of the request (a media job's `request_id`).",
+    tag="Account",
+    response=Receipt,
+    errors=("401", "404", "503"),
+)
 def receipt(request_id: str):
     svc = services()
     session = svc.db()

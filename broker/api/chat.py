@@ -6,8 +6,9 @@ from flask import Response, g, jsonify
 
 from broker import chat
 from broker.api import bp, parse
+from broker.api.openapi import operation
 from broker.extensions import services
-from broker.schemas import ChatCompletionRequest, SimpleChatRequest
+from broker.schemas import ChatCompletion, ChatCompletionRequest, SimpleChatRequest
 
 
 def _respond(result: chat.ChatResponse) -> Response:
@@ -19,12 +20,34 @@ def _respond(result: chat.ChatResponse) -> Response:
 
 
 @bp.post("/chat/completions")
+@operation(
+    summary="Create a chat completion (OpenAI-compatible)",
+    description=(
+        "`model` is `provider/model` or a bare name that maps to one provider. With `stream: true` the answer "
+        "is Server-Sent Events in OpenAI's chunk format, ending with a usage chunk (with `cost_credits`) and "
+        "`data: [DONE]`."
+    ),
+    tag="Chat",
+    body=ChatCompletionRequest,
+    response=ChatCompletion,
+    stream=True,
+    errors=("400", "401", "402", "404", "413", "429", "502", "503", "504"),
+    headers={"X-Credits-Charged": "Credits charged", "X-Credits-Remaining": "Balance after the charge"},
+)
 def chat_completions() -> Response:
     req = parse(ChatCompletionRequest)
     return _respond(chat.start(services().metering, g.caller, req, req.model, g.request_id))
 
 
 @bp.post("/chat")
+@operation(
+    summary="Chat in the simpler shape (`provider` and `model` apart)",
+    tag="Chat",
+    body=SimpleChatRequest,
+    response=ChatCompletion,
+    stream=True,
+    errors=("400", "401", "402", "404", "413", "429", "502", "503", "504"),
+)
 def chat_simple() -> Response:
     req = parse(SimpleChatRequest)
     return _respond(chat.start(services().metering, g.caller, req, req.qualified_model(), g.request_id))

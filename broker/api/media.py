@@ -7,11 +7,11 @@ import re
 from flask import Response, g, jsonify, request, url_for
 
 from broker import media, pricing
-from broker.api import bp, parse
-from broker.api.account import _int_arg
-from broker.errors import InvalidRequest, NotFound
+from broker.api import bp, parse, parse_query
+from broker.api.openapi import operation
+from broker.errors import NotFound
 from broker.extensions import services
-from broker.schemas import ImageRequest, MusicRequest, SpeechRequest
+from broker.schemas import ContentQuery, ImageRequest, JobList, JobOut, JobsQuery, MusicRequest, SpeechRequest
 
 MAX_WAIT_SECONDS = 30
 
@@ -58,21 +58,55 @@ def _submit(job_type: str, model) -> Response:
 
 
 @bp.post("/tts")
+@operation(
+    summary="Submit a text-to-speech job",
+    description="Answers `202` with the queued job and `Location`; with `Prefer: wait=N` (N ≤ 30) a job finished "
+    "within N seconds comes back as `200`.",
+    tag="Media",
+    body=SpeechRequest,
+    response=JobOut,
+    status=202,
+    errors=("400", "401", "402", "404", "413", "429", "503"),
+    headers={"Location": "The job's URL", "X-Credits-Held": "Credits held for the job"},
+)
 def submit_tts() -> Response:
     return _submit("tts", SpeechRequest)
 
 
 @bp.post("/image")
+@operation(
+    summary="Submit an image generation job",
+    description="Answers `202` with the queued job and `Location`; with `Prefer: wait=N` (N ≤ 30) a job finished "
+    "within N seconds comes back as `200`.",
+    tag="Media",
+    body=ImageRequest,
+    response=JobOut,
+    status=202,
+    errors=("400", "401", "402", "404", "413", "429", "503"),
+    headers={"Location": "The job's URL", "X-Credits-Held": "Credits held for the job"},
+)
 def submit_image() -> Response:
     return _submit("image", ImageRequest)
 
 
 @bp.post("/music")
+@operation(
+    summary="Submit a music generation job (unofficial Suno-style API)",
+    description="Answers `202` with the queued job and `Location`; with `Prefer: wait=N` (N ≤ 30) a job finished "
+    "within N seconds comes back as `200`.",
+    tag="Media",
+    body=MusicRequest,
+    response=JobOut,
+    status=202,
+    errors=("400", "401", "402", "404", "413", "429", "503"),
+    headers={"Location": "The job's URL", "X-Credits-Held": "Credits held for the job"},
+)
 def submit_music() -> Response:
     return _submit("music", MusicRequest)
 
 
 @bp.get("/jobs/<job_id>")
+@operation(summary="A job: status, cost and results", tag="Media", response=JobOut, errors=("401", "404", "503"))
 def get_job(job_id: str) -> Response:
     job = media.get_job(services().db(), g.caller.account_id, job_id)
     headers = {}
@@ -82,11 +116,18 @@ def get_job(job_id: str) -> Response:
 
 
 @bp.get("/jobs/<job_id>/content")
+@operation(
+    summary="Download a result of a job",
+    tag="Media",
+    query=ContentQuery,
+    content_type="application/octet-stream",
+    errors=("400", "401", "404", "503"),
+)
 def job_content(job_id: str) -> Response:
     svc = services()
     session = svc.db()
     job = media.get_job(session, g.caller.account_id, job_id)
-    index = _int_arg("index", 0, 0, 100)
+    index = parse_query(ContentQuery).index
     result = next((r for r in media.results_of(session, job.id) if r.index == index), None)
     if result is None or job.media_expired:
         raise NotFound(f"Job '{job_id}' has no result {index}.", param="index")
@@ -99,22 +140,17 @@ def job_content(job_id: str) -> Response:
 
 
 @bp.get("/jobs")
+@operation(summary="Your jobs, newest first", tag="Media", query=JobsQuery, response=JobList)
 def list_jobs() -> Response:
-    status = request.args.get("status")
-    job_type = request.args.get("type")
-    if status and status not in ("queued", "running", *media.TERMINAL):
-        raise InvalidRequest("'status' must be queued, running, succeeded, failed or canceled.", param="status")
-    if job_type and job_type not in media.KINDS:
-        raise InvalidRequest("'type' must be tts, image or music.", param="type")
+    query = parse_query(JobsQuery)
     session = services().db()
-    jobs, more = media.list_jobs(
-        session, g.caller.account_id, _int_arg("limit", 20, 1, 100), request.args.get("cursor"), status, job_type
-    )
+    jobs, more = media.list_jobs(session, g.caller.account_id, query.limit, query.cursor, query.status, query.type)
     data = [media.job_json(job, media.results_of(session, job.id), _content_url) for job in jobs]
     return jsonify({"object": "list", "data": data, "has_more": more, "next_cursor": jobs[-1].id if more else None})
 
 
 @bp.delete("/jobs/<job_id>")
+@operation(summary="Cancel a queued job", tag="Media", response=JobOut, errors=("401", "404", "409", "503"))
 def cancel_job(job_id: str) -> Response:
     svc = services()
     job = media.cancel(svc.media, svc.db(), g.caller.account_id, job_id)
