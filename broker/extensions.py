@@ -7,6 +7,11 @@ from pathlib import Path
 
 import redis
 from flask import Flask, current_app
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from flask_login import LoginManager
+from flask_talisman import Talisman
+from flask_wtf import CSRFProtect
 from rq import Queue
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import scoped_session
@@ -28,6 +33,24 @@ from broker.providers.suno import SunoProvider
 from broker.storage import make_storage
 
 EMBEDDED_REDIS_PORT = 6390
+
+# Unbound Flask extensions, initialised in ``broker.create_app``.
+login_manager = LoginManager()
+csrf = CSRFProtect()
+limiter = Limiter(key_func=get_remote_address, strategy="fixed-window")
+talisman = Talisman()
+
+CSP = {
+    "default-src": "'self'",
+    "img-src": "'self' data:",
+    "style-src": "'self'",
+    "script-src": "'self'",
+    "connect-src": "'self'",
+    "form-action": "'self'",
+    "frame-ancestors": "'none'",
+    "base-uri": "'none'",
+    "object-src": "'none'",
+}
 
 
 @dataclass
@@ -116,6 +139,34 @@ def build_media(config: dict, ledger: Ledger, prices: PriceTable, client: redis.
     )
 
 
+def init_web(app: Flask, redis_url: str) -> None:
+    """Sessions, CSRF, rate limits (state in Redis, so correct across processes) and security headers."""
+    production = app.config["BROKER_ENV"] == "production"
+    app.config.setdefault("RATELIMIT_STORAGE_URI", redis_url)
+    app.config.setdefault("RATELIMIT_KEY_PREFIX", "ratelimit")
+    app.config.update(
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=production,
+        REMEMBER_COOKIE_SECURE=production,
+        REMEMBER_COOKIE_HTTPONLY=True,
+        WTF_CSRF_TIME_LIMIT=None,
+    )
+    login_manager.init_app(app)
+    login_manager.login_view = "auth.login"
+    csrf.init_app(app)
+    limiter.init_app(app)
+    talisman.init_app(
+        app,
+        force_https=production,
+        strict_transport_security=production,
+        session_cookie_secure=production,
+        content_security_policy=CSP,
+        referrer_policy="strict-origin-when-cross-origin",
+        frame_options="DENY",
+    )
+
+
 def init_app(app: Flask) -> Services:
     config = app.config
     url = redis_url(config)
@@ -148,6 +199,7 @@ def init_app(app: Flask) -> Services:
         media=media,
     )
     app.extensions["broker"] = services
+    init_web(app, url)
 
     @app.teardown_appcontext
     def _remove_session(_exc) -> None:

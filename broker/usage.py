@@ -85,8 +85,11 @@ def list_usage(
     }
 
 
-def rollup_days(session: Session, days: int = 2, today: date | None = None) -> int:
-    """Recompute the daily totals of the last ``days`` days from usage records (idempotent)."""
+def rollup_days(session: Session, days: int = 2, today: date | None = None, account_id: int | None = None) -> int:
+    """Recompute the daily totals of the last ``days`` days from usage records (idempotent).
+
+    With ``account_id``, only that account's (the dashboard refreshes its own view).
+    """
     today = today or datetime.now(UTC).date()
     written = 0
     for offset in range(days):
@@ -100,6 +103,7 @@ def rollup_days(session: Session, days: int = 2, today: date | None = None) -> i
                 func.coalesce(func.sum(UsageRecord.charged_ucr), 0),
             )
             .where(UsageRecord.started_at >= start, UsageRecord.started_at < start + timedelta(days=1))
+            .where(UsageRecord.account_id == account_id if account_id else True)
             .group_by(UsageRecord.account_id, UsageRecord.model)
         ).all()
         values = [
@@ -118,3 +122,35 @@ def rollup_days(session: Session, days: int = 2, today: date | None = None) -> i
         written += len(values)
     session.commit()
     return written
+
+
+def daily_series(session: Session, account_id: int, days: int, today: date | None = None) -> dict:
+    """Credits and requests per day (oldest first) over the last ``days`` days, split by model."""
+    today = today or datetime.now(UTC).date()
+    first = today - timedelta(days=days - 1)
+    rows = session.execute(
+        select(UsageDaily.day, UsageDaily.model, UsageDaily.requests, UsageDaily.charged_ucr).where(
+            UsageDaily.account_id == account_id, UsageDaily.day >= first
+        )
+    ).all()
+    dates = [first + timedelta(days=i) for i in range(days)]
+    models = sorted({model for _, model, _, _ in rows})
+    spend = {model: [0] * days for model in models}
+    requests = [0] * days
+    for day, model, count, charged in rows:
+        index = (day - first).days
+        if 0 <= index < days:
+            spend[model][index] += charged
+            requests[index] += count
+    return {"dates": dates, "models": models, "spend": spend, "requests": requests}
+
+
+def spent_since(session: Session, account_id: int, since: datetime) -> int:
+    """Micro-credits charged to the account since a moment (from the usage records)."""
+    return int(
+        session.scalar(
+            select(func.coalesce(func.sum(UsageRecord.charged_ucr), 0)).where(
+                UsageRecord.account_id == account_id, UsageRecord.started_at >= since
+            )
+        )
+    )

@@ -85,8 +85,11 @@ def app(tmp_path, redis_server, upstream, migrated_db):
     config = app_config(tmp_path, redis_server.url, upstream, f"sqlite:///{tmp_path / 'broker.db'}")
     app = create_app(config)
     app.config["BROKER_TEST_CONFIG"] = config
-    with app.app_context():
-        yield app
+    # No app context stays pushed: each test request gets its own, as in production
+    # (a shared one would share ``g`` and the SQL session between requests).
+    CURRENT["app"] = app
+    yield app
+    CURRENT.pop("app", None)
     services_ = app.extensions["broker"]
     services_.db.remove()
     services_.engine.dispose()
@@ -162,7 +165,16 @@ class Tenant:
         return {"Authorization": f"Bearer {self.key}"}
 
 
+CURRENT: dict = {}
+
+
 def make_tenant(credits: str = "100") -> Tenant:
+    """An account with a key and ``credits``, in the current test's app."""
+    with CURRENT["app"].app_context():
+        return _make_tenant(credits)
+
+
+def _make_tenant(credits: str) -> Tenant:
     svc = services()
     session = svc.db()
     account = accounts.create_account(session, f"user-{uuid.uuid4().hex[:8]}@example.com")

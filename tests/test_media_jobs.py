@@ -308,16 +308,13 @@ def test_cron_tasks_run_twice_change_nothing_the_second_time(app, client, tenant
         "/v1/image", json={"model": "demo/image", "prompt": "cron"}, headers={**tenant.headers, "Prefer": "wait=20"}
     )
     worker.stop()
-    for task in (
-        jobs.drain_ledger,
-        jobs.reap_holds,
-        jobs.finish_stuck_jobs,
-        jobs.rollup_usage,
-        jobs.purge_expired_media,
-    ):
-        task()
+    tasks = (jobs.drain_ledger, jobs.reap_holds, jobs.finish_stuck_jobs, jobs.rollup_usage, jobs.purge_expired_media)
+    for task in tasks:
+        with app.app_context():
+            task()
         before = _state(app)
-        task()
+        with app.app_context():
+            task()
         assert _state(app) == before, task.__name__
 
 

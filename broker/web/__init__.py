@@ -1,23 +1,214 @@
-"""Public pages: a minimal landing page and health checks (the full site comes with the web issue)."""
+"""Public pages: landing, pricing (from the price table), terms (from TERMS.md), and health checks."""
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, render_template
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+
+import markdown
+from flask import Blueprint, jsonify, render_template, request
+from markupsafe import Markup
 from sqlalchemy import text
 
+from broker import ROOT, docs_render
 from broker.extensions import services
+from broker.pricing import ModelPrice, price_summary
 
 bp = Blueprint("public", __name__)
+
+KINDS = {
+    "chat": "Chat",
+    "image": "Images",
+    "tts": "Text-to-speech",
+    "music": "Music",
+}
+LANDING_MODELS = (
+    "openai/gpt-4o-mini",
+    "anthropic/claude-haiku-4-5",
+    "gemini/gemini-2.5-flash",
+    "openai/gpt-image-1",
+    "elevenlabs/eleven_flash_v2_5",
+    "suno/V5",
+)
+IMAGE_QUALITIES = ("low", "medium", "high")
+
+
+@dataclass
+class Money:
+    """A price in credits (markup applied) and the same in US dollars."""
+
+    credits: str
+    usd: str
+
+
+@dataclass
+class PricedModel:
+    id: str
+    provider: str
+    kind: str
+    enabled: bool
+    effective_from: str
+    source_url: str
+    source_note: str
+    rates: dict[str, Money]
+    image_sizes: list[str] = field(default_factory=list)
+    per_image: list[tuple[str, list[Money | None]]] = field(default_factory=list)
+    max_output_tokens: int = 0
+    context_window: int = 0
+    max_chars: int = 0
+    max_images: int = 0
+
+    @property
+    def breakable_id(self) -> Markup:
+        """The model id with a line-break opportunity after the provider."""
+        provider, _, name = self.id.partition("/")
+        return Markup("{}/<wbr>{}").format(provider, name)
+
+    @property
+    def source_host(self) -> str:
+        return self.source_url.split("/")[2] if self.source_url else ""
+
+    @property
+    def demo(self) -> bool:
+        return self.provider == "demo"
+
+    @property
+    def headline(self) -> list[tuple[str, Money]]:
+        """The one or two prices that sum the model up (the landing page's summary)."""
+        if self.kind == "chat":
+            return [("per 1M input tokens", self.rates["input"]), ("per 1M output tokens", self.rates["output"])]
+        if self.kind == "image":
+            for quality, prices in self.per_image:
+                if quality == "medium" and "1024x1024" in self.image_sizes:
+                    found = prices[self.image_sizes.index("1024x1024")]
+                    if found:
+                        return [("per 1024×1024 image, medium quality", found)]
+            return [("per 1M image output tokens", self.rates["image_output"])]
+        if self.kind == "tts":
+            return [("per 1,000 characters", self.rates["per_1k_characters"])]
+        return [("per song (one generation)", self.rates["per_generation"])]
+
+
+def usd(amount: Decimal) -> str:
+    """Dollars with at least two decimals and no trailing zeros beyond them: 0.27, 0.0045, 12.00."""
+    text_ = format(amount.normalize(), "f")
+    whole, _, frac = text_.partition(".")
+    return f"${whole}.{frac.ljust(2, '0')}"
+
+
+def money(credits: str, credit_usd: Decimal) -> Money:
+    return Money(credits, usd(Decimal(credits) * credit_usd))
+
+
+def enabled_providers() -> dict[str, set[str]]:
+    """The providers configured on this server, by kind."""
+    svc = services()
+    return {
+        "chat": set(svc.providers),
+        "tts": set(svc.media.speech),
+        "image": set(svc.media.images),
+        "music": set(svc.media.music),
+    }
+
+
+def enabled_models() -> dict[str, list[str]]:
+    """The model ids this server can serve, by kind, in price-table order."""
+    enabled = enabled_providers()
+    result: dict[str, list[str]] = {kind: [] for kind in KINDS}
+    for price in services().prices.models.values():
+        if price.provider in enabled.get(price.kind, set()):
+            result.setdefault(price.kind, []).append(price.id)
+    return result
+
+
+def priced(price: ModelPrice, markup: Decimal, credit_usd: Decimal, enabled: dict[str, set[str]]) -> PricedModel:
+    """One model's prices in credits and USD (markup applied), from ``price_summary``."""
+    summary = price_summary(price, markup, credit_usd)
+    url, _, note = price.source.partition(" ")
+    if not url.startswith("https://"):
+        url, note = "", price.source
+    model = PricedModel(
+        id=price.id,
+        provider=price.provider,
+        kind=price.kind,
+        enabled=price.provider in enabled.get(price.kind, set()),
+        effective_from=price.effective_from,
+        source_url=url,
+        source_note=note.strip().strip("()"),
+        rates={},
+        max_output_tokens=price.max_output_tokens,
+        context_window=price.context_window,
+        max_chars=price.max_chars,
+        max_images=price.max_images,
+    )
+    per_image = summary.pop("per_image_output", None)
+    for name, value in summary.items():
+        if name != "unit":
+            model.rates[name] = money(value, credit_usd)
+    if per_image:
+        sizes = sorted({size for by_size in per_image.values() for size in by_size})
+        model.image_sizes = sizes
+        qualities = [q for q in IMAGE_QUALITIES if q in per_image] + [q for q in per_image if q not in IMAGE_QUALITIES]
+        for quality in qualities:
+            by_size = per_image[quality]
+            cells = [money(by_size[size], credit_usd) if size in by_size else None for size in sizes]
+            model.per_image.append((quality, cells))
+    return model
+
+
+def price_list() -> tuple[list[tuple[str, str, list[PricedModel]]], Decimal, Decimal]:
+    """Every model in the price table grouped by kind, with the markup and credit value used."""
+    svc = services()
+    markup, credit_usd = svc.metering.markup, svc.metering.credit_usd
+    enabled = enabled_providers()
+    groups: dict[str, list[PricedModel]] = {kind: [] for kind in KINDS}
+    for price in svc.prices.models.values():
+        groups.setdefault(price.kind, []).append(priced(price, markup, credit_usd, enabled))
+    return [(kind, KINDS.get(kind, kind), models) for kind, models in groups.items() if models], markup, credit_usd
+
+
+@lru_cache(maxsize=4)
+def _render_markdown(path: Path, mtime: float) -> Markup:
+    html = markdown.markdown(path.read_text(encoding="utf-8"), extensions=["tables", "sane_lists", "toc"])
+    return Markup(html)
+
+
+def terms_html() -> Markup:
+    path = ROOT / "TERMS.md"
+    return _render_markdown(path, path.stat().st_mtime)
 
 
 @bp.get("/")
 def landing():
-    svc = services()
+    groups, markup, credit_usd = price_list()
+    by_id = {model.id: model for _, _, models in groups for model in models}
+    featured = [by_id[model_id] for model_id in LANDING_MODELS if model_id in by_id]
+    enabled = enabled_providers()
     return render_template(
-        "landing.html",
-        providers=sorted(svc.providers),
-        models=svc.prices.models.values(),
+        "public/landing.html",
+        featured=featured,
+        markup=markup,
+        credit_usd=credit_usd,
+        enabled=enabled,
+        quickstart=docs_render.quickstart(request.host_url, docs_render.default_models(enabled_models())["chat"]),
+        model_count=len(by_id),
     )
+
+
+@bp.get("/pricing")
+def pricing():
+    groups, markup, credit_usd = price_list()
+    count = sum(len(models) for _, _, models in groups)
+    return render_template(
+        "public/pricing.html", groups=groups, markup=markup, credit_usd=credit_usd, model_count=count
+    )
+
+
+@bp.get("/terms")
+def terms():
+    return render_template("public/terms.html", terms=terms_html())
 
 
 @bp.get("/healthz")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, jsonify, render_template, request
 
+from broker import docs_render
 from broker.api import openapi
+from broker.web import enabled_models
 
 bp = Blueprint("docs", __name__)
 
@@ -22,3 +24,10 @@ def openapi_json():
     response = jsonify(spec())
     response.headers["Access-Control-Allow-Origin"] = "*"
     return response
+
+
+@bp.get("/docs")
+def reference():
+    models = docs_render.default_models(enabled_models())
+    ref = docs_render.reference(spec(), request.host_url, openapi.ERRORS, models)
+    return render_template("docs/index.html", ref=ref)

@@ -1,0 +1,249 @@
+"""The HTMX dashboard: balance, keys, usage (charts, table, CSV), jobs and billing; every page also works whole."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime
+
+from flask import Blueprint, Response, abort, make_response, render_template, request
+from flask_login import current_user, login_required
+from sqlalchemy import select
+
+from broker import charts, keys, media, pricing, usage
+from broker.errors import NotFound
+from broker.extensions import services
+from broker.models import Account, ApiKey, Job, UsageRecord
+
+bp = Blueprint("dashboard", __name__, url_prefix="/dashboard")
+PAGE = 20
+
+
+@bp.before_request
+@login_required
+def _require_login() -> None:
+    """Every dashboard route needs a logged-in account."""
+
+
+def is_partial() -> bool:
+    """An HTMX request for a fragment: not a full load, and not a history restore."""
+    return bool(request.headers.get("HX-Request")) and not request.headers.get("HX-History-Restore-Request")
+
+
+def render(full: str, partial: str, **context) -> Response:
+    """The partial alone for HTMX, the whole page otherwise; both vary on HX-Request."""
+    response = make_response(render_template(partial if is_partial() else full, **context))
+    response.headers["Vary"] = "HX-Request"
+    return response
+
+
+def _account_id() -> int:
+    return current_user.account_id
+
+
+def _fresh_usage() -> None:
+    """Copy this account's pending ledger entries and roll up today, so what it sees is current."""
+    svc = services()
+    svc.ledger.drain(svc.db(), [_account_id()])
+    usage.rollup_days(svc.db(), days=1, account_id=_account_id())
+
+
+# -- overview and balance -----------------------------------------------------------
+
+
+def _balance_context() -> dict:
+    svc = services()
+    snap = svc.ledger.snapshot(_account_id())
+    now = datetime.now(UTC)
+    session = svc.db()
+    return {
+        "available": pricing.format_credits(snap["balance"]),
+        "held": pricing.format_credits(snap["holds_sum"]),
+        "today": pricing.format_credits(
+            usage.spent_since(session, _account_id(), now.replace(hour=0, minute=0, second=0, microsecond=0))
+        ),
+        "month": pricing.format_credits(
+            usage.spent_since(session, _account_id(), now.replace(day=1, hour=0, minute=0, second=0, microsecond=0))
+        ),
+    }
+
+
+@bp.get("/")
+def overview():
+    _fresh_usage()
+    recent = usage.list_usage(services().db(), _account_id(), limit=5)["data"]
+    return render("dashboard/overview.html", "dashboard/_balance.html", recent=recent, **_balance_context())
+
+
+@bp.get("/balance")
+def balance():
+    return render("dashboard/overview.html", "dashboard/_balance.html", recent=[], **_balance_context())
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+def _keys() -> list[ApiKey]:
+    session = services().db()
+    return list(session.scalars(select(ApiKey).where(ApiKey.account_id == _account_id()).order_by(ApiKey.id.desc())))
+
+
+@bp.get("/keys")
+def keys_page():
+    return render("dashboard/keys.html", "dashboard/_keys.html", keys=_keys(), created=None)
+
+
+@bp.post("/keys")
+def create_key():
+    svc = services()
+    session = svc.db()
+    name = request.form.get("name", "").strip()[:100]
+    account = session.get(Account, _account_id())
+    _, plain = keys.create_key(session, account, name)
+    return render("dashboard/keys.html", "dashboard/_keys.html", keys=_keys(), created={"name": name, "key": plain})
+
+
+@bp.delete("/keys/<int:key_id>")
+def revoke_key(key_id: int):
+    svc = services()
+    try:
+        keys.revoke_key(svc.db(), svc.redis, _account_id(), key_id)
+    except NotFound:
+        abort(404)
+    return render("dashboard/keys.html", "dashboard/_keys.html", keys=_keys(), created=None)
+
+
+# -- usage ------------------------------------------------------------------------------
+
+
+def _usage_rows(model: str | None, cursor: int | None, limit: int = PAGE) -> dict:
+    return usage.list_usage(services().db(), _account_id(), limit=limit, before=cursor, model=model)
+
+
+def _filters() -> tuple[str | None, int | None, int]:
+    model = request.args.get("model") or None
+    cursor = request.args.get("cursor", type=int)
+    days = 30 if request.args.get("days") == "30" else 7
+    return model, cursor, days
+
+
+@bp.get("/usage")
+def usage_page():
+    _fresh_usage()
+    model, cursor, days = _filters()
+    series = usage.daily_series(services().db(), _account_id(), days)
+    spend = {m: [v / 1_000_000 for v in values] for m, values in series["spend"].items()}
+    context = {
+        "page": _usage_rows(model, cursor),
+        "model": model,
+        "days": days,
+        "models": series["models"],
+        "spend_chart": charts.stacked(series["dates"], spend, "credits"),
+        "requests_chart": charts.stacked(series["dates"], {"requests": series["requests"]}, "requests"),
+    }
+    partial = (
+        "dashboard/_usage_table.html" if request.headers.get("HX-Target") == "usage-table" else "dashboard/_usage.html"
+    )
+    return render("dashboard/usage.html", partial, **context)
+
+
+@bp.get("/usage.csv")
+def usage_csv():
+    model, _, _ = _filters()
+    session = services().db()
+    query = select(UsageRecord).where(UsageRecord.account_id == _account_id()).order_by(UsageRecord.id.desc())
+    if model:
+        query = query.where(UsageRecord.model == model)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["time", "request_id", "model", "endpoint", "status", "input_tokens", "output_tokens", "credits"])
+    for row in session.scalars(query.limit(10_000)):
+        receipt = usage.receipt(row)
+        writer.writerow(
+            [
+                receipt["started_at"],
+                row.request_id,
+                row.model,
+                row.endpoint,
+                row.status,
+                row.input_tokens,
+                row.output_tokens,
+                receipt["credits_charged"],
+            ]
+        )
+    return Response(
+        out.getvalue(),
+        mimetype="text/csv",
+        headers={"Content-Disposition": "attachment; filename=usage.csv"},
+    )
+
+
+@bp.get("/requests/<request_id>")
+def receipt(request_id: str):
+    try:
+        data = usage.get_receipt(services().db(), _account_id(), request_id)
+    except NotFound:
+        abort(404)
+    return render("dashboard/receipt.html", "dashboard/_receipt.html", receipt=data)
+
+
+# -- jobs -------------------------------------------------------------------------------
+
+
+def _job_view(job: Job) -> dict:
+    session = services().db()
+    return media.job_json(
+        job, media.results_of(session, job.id), lambda job_id, index: f"/dashboard/jobs/{job_id}/content/{index}"
+    )
+
+
+@bp.get("/jobs")
+def jobs_page():
+    jobs, _ = media.list_jobs(services().db(), _account_id(), 50, None, None, None)
+    return render("dashboard/jobs.html", "dashboard/_jobs.html", jobs=[_job_view(j) for j in jobs])
+
+
+@bp.get("/jobs/<job_id>/row")
+def job_row(job_id: str):
+    try:
+        job = media.get_job(services().db(), _account_id(), job_id)
+    except NotFound:
+        abort(404)
+    response = make_response(render_template("dashboard/_job_row.html", job=_job_view(job)))
+    if job.status in media.TERMINAL and job.cost_ucr is not None:
+        response.headers["HX-Trigger"] = "balance-changed"
+    return response
+
+
+@bp.get("/jobs/<job_id>/content/<int:index>")
+def job_content(job_id: str, index: int):
+    svc = services()
+    session = svc.db()
+    try:
+        job = media.get_job(session, _account_id(), job_id)
+    except NotFound:
+        abort(404)
+    result = next((r for r in media.results_of(session, job.id) if r.index == index), None)
+    if result is None or job.media_expired:
+        abort(404)
+    return Response(
+        svc.media.storage.stream(result.storage_key),
+        mimetype=result.content_type,
+        headers={"Content-Length": str(result.bytes)},
+    )
+
+
+# -- billing ----------------------------------------------------------------------------
+
+
+@bp.get("/billing")
+def billing():
+    return render("dashboard/billing.html", "dashboard/_billing.html", purchases=[], packs=_packs())
+
+
+def _packs() -> list[dict]:
+    m = services().metering
+    return [
+        {"usd": usd, "credits": pricing.format_credits(int(usd / m.credit_usd * pricing.UCR_PER_CREDIT))}
+        for usd in (5, 20, 100)
+    ]

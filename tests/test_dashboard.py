@@ -1,0 +1,161 @@
+"""Accounts and the HTMX dashboard: CSRF on every change, partial vs full pages, keys, usage, limits."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from broker import accounts
+from tests.conftest import make_tenant
+
+PASSWORD = "correct horse battery"
+
+
+def csrf_from(html: str) -> str:
+    return re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"', html).group(1)
+
+
+def login(client, email: str, password: str = PASSWORD):
+    token = csrf_from(client.get("/login").get_data(as_text=True))
+    return client.post("/login", data={"email": email, "password": password, "csrf_token": token})
+
+
+@pytest.fixture
+def member(app, client):
+    """A logged-in account (with a key and credits), and its CSRF token."""
+    tenant = make_tenant("50")
+    account = accounts.get_by_email(app.extensions["broker"].db(), tenant.email)
+    from werkzeug.security import generate_password_hash
+
+    account.password_hash = generate_password_hash(PASSWORD)
+    app.extensions["broker"].db().commit()
+    assert login(client, tenant.email).status_code == 302
+    token = csrf_from(client.get("/dashboard/keys").get_data(as_text=True))
+    return tenant, token
+
+
+def test_signup_then_login_reaches_the_dashboard(client):
+    token = csrf_from(client.get("/signup").get_data(as_text=True))
+    signed = client.post("/signup", data={"email": "new@example.com", "password": PASSWORD, "csrf_token": token})
+    assert signed.status_code == 302 and signed.headers["Location"].endswith("/login")
+    assert login(client, "new@example.com").headers["Location"].endswith("/dashboard/")
+    assert "new@example.com" in client.get("/dashboard/").get_data(as_text=True)
+
+
+def test_signup_answers_the_same_for_an_existing_email(client, app):
+    accounts.create_account(app.extensions["broker"].db(), "taken@example.com", "some other password")
+    token = csrf_from(client.get("/signup").get_data(as_text=True))
+    answers = []
+    for email in ("taken@example.com", "fresh@example.com"):
+        start = time.perf_counter()
+        response = client.post("/signup", data={"email": email, "password": PASSWORD, "csrf_token": token})
+        answers.append((response.status_code, response.headers["Location"], time.perf_counter() - start))
+    assert answers[0][:2] == answers[1][:2]
+    assert abs(answers[0][2] - answers[1][2]) < 0.25  # both hash a password
+    assert login(client, "taken@example.com").status_code == 400  # the old password still rules
+
+
+def test_login_fails_the_same_for_unknown_email_and_wrong_password(client, app):
+    accounts.create_account(app.extensions["broker"].db(), "known@example.com", PASSWORD)
+    unknown = login(client, "nobody@example.com")
+    wrong = login(client, "known@example.com", "wrong password!")
+    assert unknown.status_code == wrong.status_code == 400
+    assert "Wrong email or password." in unknown.get_data(as_text=True)
+    assert "Wrong email or password." in wrong.get_data(as_text=True)
+
+
+def test_dashboard_requires_login(client):
+    response = client.get("/dashboard/keys")
+    assert response.status_code == 302 and "/login" in response.headers["Location"]
+
+
+def test_login_is_rate_limited_per_account(client, app):
+    accounts.create_account(app.extensions["broker"].db(), "target@example.com", PASSWORD)
+    statuses = [login(client, "target@example.com", f"guess {i}!!").status_code for i in range(11)]
+    assert statuses[:10] == [400] * 10 and statuses[10] == 429
+
+
+def test_state_changes_without_a_csrf_token_are_400(client, member):
+    tenant, token = member
+    assert client.post("/dashboard/keys", data={"name": "x"}).status_code == 400
+    assert client.delete(f"/dashboard/keys/{tenant.key_id}").status_code == 400
+    assert client.post("/logout").status_code == 400
+    token_form = client.post("/account/password", data={"current": PASSWORD, "new": "x" * 12, "confirm": "x" * 12})
+    assert token_form.status_code == 400
+    created = client.post("/dashboard/keys", data={"name": "ok"}, headers={"HX-Request": "true", "X-CSRFToken": token})
+    assert created.status_code == 200 and "brk_live_" in created.get_data(as_text=True)
+
+
+def test_created_key_is_shown_once_and_revocation_works_at_once(client, member):
+    tenant, token = member
+    hx = {"HX-Request": "true", "X-CSRFToken": token}
+    created = client.post("/dashboard/keys", data={"name": "laptop"}, headers=hx).get_data(as_text=True)
+    key = re.search(r"brk_live_\w+", created).group(0)
+    assert client.get("/v1/balance", headers={"X-API-Key": key}).status_code == 200
+    listing = client.get("/dashboard/keys").get_data(as_text=True)
+    assert key not in listing and key[:15] in listing
+    key_id = int(re.search(r'id="key-(\d+)"', listing).group(1))
+    assert client.delete(f"/dashboard/keys/{key_id}", headers=hx).status_code == 200
+    assert client.get("/v1/balance", headers={"X-API-Key": key}).status_code == 401
+
+
+def test_another_accounts_key_cannot_be_revoked(client, member, app):
+    _, token = member
+    other = make_tenant()
+    response = client.delete(f"/dashboard/keys/{other.key_id}", headers={"HX-Request": "true", "X-CSRFToken": token})
+    assert response.status_code == 404
+    assert client.get("/v1/balance", headers=other.headers).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path", ["/dashboard/", "/dashboard/keys", "/dashboard/usage", "/dashboard/jobs", "/dashboard/billing"]
+)
+def test_partials_only_for_htmx_requests_that_are_not_history_restores(client, member, path):
+    full = client.get(path)
+    partial = client.get(path, headers={"HX-Request": "true"})
+    restore = client.get(path, headers={"HX-Request": "true", "HX-History-Restore-Request": "true"})
+    assert full.status_code == partial.status_code == restore.status_code == 200
+    assert "<html" in full.get_data(as_text=True) and "<html" in restore.get_data(as_text=True)
+    assert "<html" not in partial.get_data(as_text=True)
+    assert "HX-Request" in full.headers["Vary"] and "HX-Request" in partial.headers["Vary"]
+
+
+def test_usage_page_shows_a_call_with_its_cost_and_exports_csv(client, member):
+    tenant, _ = member
+    call = client.post(
+        "/v1/chat/completions",
+        json={"model": "demo/chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 20},
+        headers=tenant.headers,
+    )
+    charged = call.headers["X-Credits-Charged"]
+    page = client.get("/dashboard/usage").get_data(as_text=True)
+    assert "demo/chat" in page and charged in page
+    assert 'data-testid="bar"' in page  # the chart has a bar for today
+    csv_text = client.get("/dashboard/usage.csv?model=demo/chat").get_data(as_text=True)
+    assert csv_text.splitlines()[0].startswith("time,request_id,model")
+    assert charged in csv_text and call.headers["X-Request-Id"] in csv_text
+    assert len(client.get("/dashboard/usage.csv?model=openai/gpt-4o").get_data(as_text=True).splitlines()) == 1
+
+
+def test_changing_the_password_ends_other_sessions(app, member, client):
+    tenant, token = member
+    other = app.test_client()
+    second = login(other, tenant.email)
+    assert second.status_code == 302, second.get_data(as_text=True)[-3000:]
+    changed = client.post(
+        "/account/password",
+        data={"current": PASSWORD, "new": "a brand new secret", "confirm": "a brand new secret", "csrf_token": token},
+    )
+    assert changed.status_code == 302
+    assert client.get("/dashboard/keys").status_code == 200
+    assert other.get("/dashboard/keys").status_code == 302
+
+
+def test_security_headers(client):
+    response = client.get("/login")
+    csp = response.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+    assert response.headers["Referrer-Policy"] == "strict-origin-when-cross-origin"
+    assert response.headers["X-Frame-Options"] == "DENY"
