@@ -1,18 +1,25 @@
-"""The background worker: ``python worker.py`` runs RQ on the ``media`` and ``housekeeping`` queues,
-plus RQ's cron scheduler (in a child process) that enqueues the housekeeping jobs."""
+"""The background worker: ``python worker.py`` runs RQ on the ``housekeeping`` and ``media`` queues, plus
+RQ's cron scheduler (a child process) that enqueues the housekeeping jobs.
+
+With several workers, run the cron once: ``python worker.py --no-cron`` for the workers
+and ``python worker.py --cron-only`` for the one scheduler (see the Procfile).
+"""
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import sys
 
 from rq import Queue, Worker
 from rq.cron import CronScheduler
+from sqlalchemy.orm import configure_mappers
 
 from broker import create_app, jobs
 from broker.extensions import services
 
-QUEUES = ("media", "housekeeping")
+# Housekeeping first: a media backlog must not delay the ledger drain or the stuck-job check.
+QUEUES = ("housekeeping", "media")
 
 
 def schedule(config) -> tuple:
@@ -34,22 +41,34 @@ def run_cron(connection, config) -> None:
     scheduler.start()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--no-cron", action="store_true", help="run jobs only; another process runs the cron")
+    mode.add_argument("--cron-only", action="store_true", help="run only the cron scheduler")
+    args = parser.parse_args(argv)
     app = create_app()
     with app.app_context():
         connection = services().queue_redis
-        cron = multiprocessing.get_context("fork").Process(target=run_cron, args=(connection, app.config), daemon=True)
-        cron.start()
-        try:
-            worker = Worker(
-                [Queue(name, connection=connection) for name in QUEUES],
-                connection=connection,
+        if args.cron_only:
+            run_cron(connection, app.config)
+            return 0
+        # Done once here, so each forked work horse does not redo it (~25 ms a job).
+        configure_mappers()
+        cron = None
+        if not args.no_cron:
+            cron = multiprocessing.get_context("fork").Process(
+                target=run_cron, args=(connection, app.config), daemon=True
             )
+            cron.start()
+        try:
+            worker = Worker([Queue(name, connection=connection) for name in QUEUES], connection=connection)
             # The scheduler moves retries (RQ Retry with intervals) back onto their queue when due.
             worker.work(with_scheduler=True, logging_level="WARNING")
         finally:
-            cron.terminate()
-            cron.join(5)
+            if cron is not None:
+                cron.terminate()
+                cron.join(5)
     return 0
 
 

@@ -158,7 +158,8 @@ def init_web(app: Flask, redis_url: str) -> None:
     limiter.init_app(app)
     talisman.init_app(
         app,
-        force_https=production,
+        # TLS ends at the proxy; a redirect would break API POSTs. HSTS keeps browsers on HTTPS.
+        force_https=False,
         strict_transport_security=production,
         session_cookie_secure=production,
         content_security_policy=CSP,
