@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from decimal import Decimal
 
 import html5lib
@@ -248,3 +249,53 @@ def test_terms_render_terms_md(client):
     assert text_of(next(document.iter("h1"))) == title
     headings = [text_of(h) for h in document.iter("h2")]
     assert headings == re.findall(r"^## (.+)$", source, re.M)
+
+
+def test_copy_buttons_and_code_tabs_work_in_a_browser(live_server):
+    """site.js in Chromium, under the app's Content-Security-Policy: tabs switch, copy copies, nothing is refused."""
+    from playwright import sync_api
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-quic"]
+        )
+        try:
+            context = browser.new_context(viewport={"width": 375, "height": 800})
+            context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live_server)
+            page = context.new_page()
+            page.set_default_timeout(15_000)
+            problems: list[str] = []
+            page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+            page.on("pageerror", lambda error: problems.append(str(error)))
+
+            page.goto(live_server + "/docs")
+            operation = page.locator("#op-post-v1-chat-completions")
+            tabs = operation.locator("[role=tab]")
+            assert tabs.all_inner_texts() == ["curl", "Python (requests)", "Python (openai SDK)"]
+            assert page.locator("#post-v1-chat-completions-curl").is_visible()
+            assert page.locator("#post-v1-chat-completions-openai").is_hidden()
+            tabs.nth(2).click()
+            assert tabs.nth(2).get_attribute("aria-selected") == "true"
+            assert page.locator("#post-v1-chat-completions-openai").is_visible()
+            assert page.locator("#post-v1-chat-completions-curl").is_hidden()
+            tabs.nth(2).press("ArrowLeft")
+            assert page.locator("#post-v1-chat-completions-python").is_visible()
+            assert page.evaluate("document.activeElement.textContent") == "Python (requests)"
+
+            button = page.locator("#post-v1-chat-completions-python button[data-copy-target]")
+            button.click()
+            sync_api.expect(button).to_have_text("Copied")
+            copied = page.evaluate("navigator.clipboard.readText()")
+            assert copied == page.locator("#post-v1-chat-completions-python-code").text_content()
+            assert "requests.post(" in copied
+
+            for path in ("/", "/pricing", "/terms"):
+                page.goto(live_server + path)
+                assert page.locator("button[data-copy-target][hidden]").count() == 0
+            page.goto(live_server + "/")
+            page.keyboard.press("Tab")
+            assert page.evaluate("document.activeElement.getAttribute('href')") == "#main"
+            assert problems == []
+        finally:
+            browser.close()
