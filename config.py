@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from decimal import Decimal
 from pathlib import Path
@@ -71,12 +72,32 @@ def load(overrides: dict | None = None) -> dict:
         "STUCK_JOB_CHECK_SECONDS": int(env("STUCK_JOB_CHECK_SECONDS", "15")),
         "MUSIC_POLL_SECONDS": float(env("MUSIC_POLL_SECONDS", "5")),
         "MUSIC_MAX_WAIT_SECONDS": int(env("MUSIC_MAX_WAIT_SECONDS", "600")),
+        "STRIPE_API_BASE": env("STRIPE_API_BASE", "https://api.stripe.com"),
+        "STRIPE_SECRET_KEY": env("STRIPE_SECRET_KEY", ""),
+        "STRIPE_WEBHOOK_SECRET": env("STRIPE_WEBHOOK_SECRET", ""),
+        # 1: offer Stripe's stablecoin (USDC) payment method in Checkout beside cards.
+        "STRIPE_CRYPTO": _bool(env("STRIPE_CRYPTO")),
+        "CREDIT_PACKS_USD": env("CREDIT_PACKS_USD", "5,20,100"),
+        "CHECKOUT_MIN_USD": Decimal(env("CHECKOUT_MIN_USD", "5")),
+        "CHECKOUT_MAX_USD": Decimal(env("CHECKOUT_MAX_USD", "1000")),
+        # Where Stripe sends the buyer back to; unset: the host of the request.
+        "PUBLIC_URL": env("PUBLIC_URL", ""),
+        "COINBASE_WEBHOOK_SECRET": env("COINBASE_WEBHOOK_SECRET", ""),
+        "RAPIDAPI_SECRET": env("RAPIDAPI_SECRET", ""),
+        # Requests per minute per RapidAPI plan (X-RapidAPI-Subscription), as JSON.
+        "RAPIDAPI_PLANS": env(
+            "RAPIDAPI_PLANS", '{"BASIC": 30, "PRO": 300, "ULTRA": 1200, "MEGA": 6000, "CUSTOM": 600}'
+        ),
+        "TRIAL_CREDITS": Decimal(env("TRIAL_CREDITS", "0")),
+        "REGISTER_RATE_LIMIT": env("REGISTER_RATE_LIMIT", "5/hour"),
         # The demo provider is on when no provider key is set, or when DEMO_PROVIDER=1.
         "DEMO_PROVIDER": env("DEMO_PROVIDER", ""),
         "LOG_LEVEL": env("LOG_LEVEL", "INFO"),
         "EMBEDDED_REDIS_PORT": int(env("EMBEDDED_REDIS_PORT", "6390")),
     }
     config.update(overrides or {})
+    if isinstance(config["RAPIDAPI_PLANS"], str):
+        config["RAPIDAPI_PLANS"] = {k.upper(): int(v) for k, v in json.loads(config["RAPIDAPI_PLANS"]).items()}
     if config["BROKER_ENV"] == "production":
         if not config["SECRET_KEY"]:
             raise RuntimeError("SECRET_KEY must be set when BROKER_ENV=production")

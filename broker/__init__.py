@@ -35,16 +35,21 @@ def create_app(overrides: dict | None = None) -> Flask:
 def register_blueprints(app: Flask) -> None:
     from broker.api import bp as api_bp
     from broker.api.errors import register_error_handlers
+    from broker.api.onboarding import bp as onboarding_bp
     from broker.extensions import csrf, limiter
     from broker.web import bp as public_bp
     from broker.web.auth import bp as auth_bp
     from broker.web.dashboard import bp as dashboard_bp
     from broker.web.docs import bp as docs_bp
+    from broker.web.webhooks import bp as webhooks_bp
 
-    # The API authenticates by key, not cookie: no CSRF there; its limits are per key.
-    csrf.exempt(api_bp)
+    # The API authenticates by key and webhooks by signature, not by cookie: no CSRF there.
+    for blueprint in (api_bp, onboarding_bp, webhooks_bp):
+        csrf.exempt(blueprint)
+    # Per-key API limits are the ledger's and the hardening issue's; register has its own.
     limiter.exempt(api_bp)
-    for blueprint in (api_bp, public_bp, docs_bp, auth_bp, dashboard_bp):
+    limiter.exempt(webhooks_bp)
+    for blueprint in (api_bp, onboarding_bp, webhooks_bp, public_bp, docs_bp, auth_bp, dashboard_bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
 

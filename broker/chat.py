@@ -28,7 +28,7 @@ from broker.errors import (
     UpstreamStreamBroken,
 )
 from broker.keys import Caller, stamp_last_used
-from broker.ledger import Ledger
+from broker.ledger import Hold, HoldEnd, Ledger
 from broker.pricing import ModelPrice, PriceTable
 from broker.providers.base import (
     ChatCall,
@@ -145,14 +145,11 @@ def start(
     bound += pricing.text_token_bound(json.dumps(req.passthrough())) if req.passthrough() else 0
     fixed = int((bound * _rate(price.max_input_rate, m)).to_integral_value(rounding="ROUND_CEILING"))
     per_token = pricing.ucr_per_token(price.output, m.markup, m.credit_usd) * req.n
-    hold = m.ledger.hold(
-        caller.account_id,
-        request_id,
-        fixed,
-        per_token,
-        requested or 0,
-        price.max_output_tokens,
-    )
+    if caller.marketplace:
+        # RapidAPI bills the marketplace caller: no hold, the call is metered only.
+        hold = Hold(True, 0, requested or price.max_output_tokens, 0)
+    else:
+        hold = m.ledger.hold(caller.account_id, request_id, fixed, per_token, requested or 0, price.max_output_tokens)
     if not hold.ok:
         raise _insufficient(hold.balance, fixed + (requested or 1) * per_token)
     call = ChatCall(
@@ -193,6 +190,9 @@ def _insufficient(balance: int, needed: int) -> InsufficientCredits:
 def _release(m: Metering, ctx: _Call, error: BrokerError) -> None:
     receipt = _receipt(m, ctx, Usage(), Decimal(0), "error", estimated=False)
     receipt["error_code"] = error.code
+    if ctx.caller.marketplace:
+        m.ledger.record_metered(ctx.caller.account_id, ctx.request_id, receipt)
+        return
     m.ledger.release(ctx.caller.account_id, ctx.request_id, receipt)
 
 
@@ -232,7 +232,12 @@ def _settle(
     cost = pricing.chat_cost_usd(ctx.price, usage)
     charge = pricing.charge_ucr(cost, m.markup, m.credit_usd)
     receipt = _receipt(m, ctx, usage, cost, status, estimated)
-    receipt.update(stream=stream, capped=charge > ctx.hold, error_code=error_code)
+    receipt.update(stream=stream, capped=charge > ctx.hold and not ctx.caller.marketplace, error_code=error_code)
+    if ctx.caller.marketplace:
+        receipt["detail"] = json.dumps({"marketplace": "rapidapi", "plan": ctx.caller.marketplace, "list_ucr": charge})
+        m.ledger.record_metered(ctx.caller.account_id, ctx.request_id, receipt)
+        log.info("marketplace request metered", extra={"request_id": ctx.request_id, "cost_usd": str(cost)})
+        return HoldEnd("ended", 0, 0), cost, receipt
     ended = m.ledger.end_hold(
         ctx.caller.account_id,
         ctx.request_id,

@@ -13,7 +13,7 @@ from flask import current_app
 from flask.cli import AppGroup
 from werkzeug.serving import run_simple
 
-from broker import accounts, keys, migrations, pricing
+from broker import accounts, billing, keys, migrations, pricing
 from broker.errors import BrokerError
 from broker.extensions import services
 
@@ -171,3 +171,43 @@ def _root():
     from broker import ROOT
 
     return ROOT
+
+
+@broker_cli.command("purchases")
+@click.argument("email")
+def purchases(email: str) -> None:
+    """Print an account's purchases, newest first."""
+    session = services().db()
+    try:
+        account = accounts.get_by_email(session, email)
+    except BrokerError as error:
+        _fail(error)
+    rows = billing.purchases_of(session, account.id)
+    for p in rows:
+        click.echo(
+            f"{p.id}\t{p.created_at:%Y-%m-%d %H:%M}\t{p.provider}\t{p.external_id}\t"
+            f"${Decimal(p.amount_cents) / 100}\t{pricing.format_credits(p.credits_ucr)} credits\t{p.status}"
+        )
+    if not rows:
+        click.echo("no purchases")
+
+
+@broker_cli.command("refund")
+@click.argument("purchase_id", type=int)
+def refund(purchase_id: int) -> None:
+    """Mark a purchase refunded and take back its credits (never below zero), as the refund webhook does."""
+    svc = services()
+    session = svc.db()
+    try:
+        purchase = billing.get_purchase(session, purchase_id)
+    except BrokerError as error:
+        _fail(error)
+    if purchase.status not in ("paid", "partially_refunded"):
+        raise click.ClickException(f"purchase {purchase_id} is {purchase.status}; only paid purchases can be refunded")
+    taken = billing.take_back(
+        session, svc.ledger, purchase, purchase.amount_cents, f"operator-refund-{purchase.id}-{purchase.amount_cents}"
+    )
+    click.echo(
+        f"purchase {purchase.id} refunded; took back {pricing.format_credits(taken)} credits"
+        + (f", {pricing.format_credits(purchase.shortfall_ucr)} already spent" if purchase.shortfall_ucr else "")
+    )

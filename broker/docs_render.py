@@ -45,6 +45,8 @@ EXAMPLES: dict[str, dict] = {
     "ImageRequest": {"model": "{image}", "prompt": "a lighthouse at dawn", "size": "1024x1024", "quality": "low"},
     "MusicRequest": {"model": "{music}", "prompt": "a calm piano piece", "instrumental": True},
     "Message": {"role": "user", "content": "Hello"},
+    "CheckoutRequest": {"pack": "usd20"},
+    "RegisterRequest": {"email": "you@example.com"},
 }
 
 # Example values of path and query parameters, by name (query parameters not listed

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+import stripe
 from flask import Flask, current_app
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -17,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import scoped_session
 
 from broker import db, embedded_redis
+from broker.billing import Catalogue, stripe_checkout
 from broker.chat import Metering
 from broker.ledger import Ledger
 from broker.media import MediaContext
@@ -65,6 +67,8 @@ class Services:
     providers: dict[str, ChatProvider]
     metering: Metering
     media: MediaContext
+    stripe: stripe.StripeClient | None
+    catalogue: Catalogue
 
 
 def services() -> Services:
@@ -144,6 +148,7 @@ def init_web(app: Flask, redis_url: str) -> None:
     production = app.config["BROKER_ENV"] == "production"
     app.config.setdefault("RATELIMIT_STORAGE_URI", redis_url)
     app.config.setdefault("RATELIMIT_KEY_PREFIX", "ratelimit")
+    app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
     app.config.update(
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
@@ -198,6 +203,8 @@ def init_app(app: Flask) -> Services:
         providers=providers,
         metering=metering,
         media=media,
+        stripe=stripe_checkout.make_client(config),
+        catalogue=Catalogue.from_config(config),
     )
     app.extensions["broker"] = services
     init_web(app, url)

@@ -66,10 +66,12 @@ def display_prefix(key: str) -> str:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who a valid key belongs to."""
+    """Who is calling: the account, the key (0 for a marketplace caller) and, for a
+    RapidAPI request, its plan (such callers are metered, not charged)."""
 
     account_id: int
     key_id: int
+    marketplace: str | None = None
 
 
 def create_key(

@@ -221,6 +221,15 @@ class Ledger:
             return "open", int(amount)
         return "unknown", 0
 
+    def record_metered(self, account_id: int, request_id: str, receipt: dict) -> None:
+        """Log a request that is metered but not charged (a marketplace caller): no balance changes."""
+        k = keys_of(account_id)
+        pipe = self.redis.pipeline(transaction=False)
+        fields = {"e": f"meter:{request_id}", "k": "metered", "t": "0", "h": "0", "hid": "", "ts": _now_ms()}
+        pipe.xadd(k["log"], {**fields, "r": json.dumps(receipt)})
+        pipe.sadd(DIRTY, account_id)
+        pipe.execute()
+
     def balance(self, account_id: int) -> int:
         return int(self.redis.get(keys_of(account_id)["bal"]) or 0)
 
@@ -266,10 +275,11 @@ class Ledger:
         )
         return int(balance)
 
-    def debit(self, account_id: int, amount_ucr: int, debit_id: str, reason: str) -> tuple[int, int]:
+    def debit(self, account_id: int, amount_ucr: int, debit_id: str, reason: str) -> tuple[bool, int, int]:
         """Take back up to ``amount_ucr`` (never below zero), once per ``debit_id``.
 
-        Returns (taken, balance after); the entry reaches SQL through the stream.
+        Returns (applied now, taken, balance after); a replay returns (False, what was
+        taken then, balance). The entry reaches SQL through the stream.
         """
         k = keys_of(account_id)
 
@@ -282,8 +292,8 @@ class Ledger:
             )
             pipe.sadd(DIRTY, account_id)
 
-        _, taken, balance = self._pipeline_run(build)[0]
-        return int(taken), int(balance)
+        applied, taken, balance = self._pipeline_run(build)[0]
+        return bool(applied), int(taken), int(balance)
 
     # -- housekeeping -----------------------------------------------------------
 

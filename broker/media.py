@@ -29,6 +29,7 @@ from broker import pricing
 from broker.errors import (
     BrokerError,
     Conflict,
+    Forbidden,
     InsufficientCredits,
     InvalidRequest,
     NotFound,
@@ -142,6 +143,8 @@ def submit(
     request_id: str,
 ) -> tuple[Job, int]:
     """Validate, hold the worst-case price, record and enqueue the job; returns it and the balance."""
+    if caller.marketplace:
+        raise Forbidden("Media jobs are not part of the marketplace listing.", code="not_in_marketplace_plan")
     price = _resolve(ctx, job_type, req.model)
     bound = {
         "tts": lambda: _speech_bound_usd(ctx, price, req),

@@ -176,3 +176,48 @@ class UsageDaily(Base):
     charged_ucr: Mapped[int] = mapped_column(BigInteger, default=0)
 
     __table_args__ = (UniqueConstraint("account_id", "day", "model"),)
+
+
+class Purchase(Base):
+    """Money in: one Stripe Checkout Session or Coinbase charge, granted at most once.
+
+    Unique on (provider, external_id). ``status``: pending → paid → refunded /
+    partially_refunded, or failed. ``shortfall_ucr`` is what a refund could not take
+    back because the credits were already spent.
+    """
+
+    __tablename__ = "purchases"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    provider: Mapped[str] = mapped_column(String(20))
+    external_id: Mapped[str] = mapped_column(String(255))
+    payment_intent: Mapped[str | None] = mapped_column(String(255), index=True)
+    method: Mapped[str] = mapped_column(String(20), default="card")
+    pack: Mapped[str | None] = mapped_column(String(40))
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(10), default="usd")
+    credits_ucr: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    refunded_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    refunded_ucr: Mapped[int] = mapped_column(BigInteger, default=0)
+    shortfall_ucr: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (UniqueConstraint("provider", "external_id"),)
+
+
+class WebhookEvent(Base):
+    """A processed webhook delivery; unique per provider and event id, so replays are skipped."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    provider: Mapped[str] = mapped_column(String(20))
+    event_id: Mapped[str] = mapped_column(String(255))
+    type: Mapped[str] = mapped_column(String(80))
+    outcome: Mapped[str] = mapped_column(String(40))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("provider", "event_id"),)

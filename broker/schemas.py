@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -331,3 +332,56 @@ class JobList(BaseModel):
     data: list[JobOut]
     has_more: bool
     next_cursor: str | None
+
+
+class CheckoutRequest(BaseModel):
+    """``POST /v1/checkout``: a credit pack by id, or a custom amount in US dollars."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pack: str | None = Field(default=None, max_length=40, description="A pack id, e.g. usd20")
+    amount_usd: Decimal | None = Field(default=None, gt=0, max_digits=8, decimal_places=2)
+    crypto: bool = Field(default=False, description="Also offer USDC (Stripe stablecoin payments)")
+
+
+class CheckoutSession(BaseModel):
+    id: str
+    object: Literal["checkout.session"]
+    url: str
+    purchase_id: int
+
+
+class PurchaseOut(BaseModel):
+    id: int
+    object: Literal["purchase"]
+    provider: str
+    external_id: str
+    method: str
+    pack: str | None
+    amount_usd: str
+    credits: str
+    status: Literal["pending", "paid", "failed", "refunded", "partially_refunded"]
+    refunded_credits: str
+    created_at: str | None
+    paid_at: str | None
+
+
+class PurchaseList(BaseModel):
+    object: Literal["list"]
+    data: list[PurchaseOut]
+
+
+class RegisterRequest(BaseModel):
+    """``POST /v1/register``: an account and its first API key from an email address."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: str = Field(min_length=3, max_length=320)
+
+
+class Registration(BaseModel):
+    object: Literal["registration"]
+    email: str
+    api_key: str | None = Field(description="Shown once; null when the email was already registered")
+    trial_credits: str
+    message: str

@@ -19,6 +19,7 @@ from werkzeug.serving import make_server
 from broker import ROOT, accounts, create_app, keys, migrations, pricing
 from broker.embedded_redis import EmbeddedRedis
 from broker.extensions import services
+from tests.fakes.stripe_api import FakeStripe
 from tests.fakes.upstreams import FakeUpstream
 
 PROVIDER_KEYS = {
@@ -27,7 +28,11 @@ PROVIDER_KEYS = {
     "GOOGLE_API_KEY": "AIza-test-secret-0003",
     "ELEVENLABS_API_KEY": "xi-test-secret-0004",
     "SUNO_API_KEY": "suno-test-secret-0005",
+    "STRIPE_SECRET_KEY": "sk_test_secret_0006",
 }
+STRIPE_WEBHOOK_SECRET = "whsec_test_secret_0007"
+COINBASE_WEBHOOK_SECRET = "cb-test-secret-0008"
+RAPIDAPI_SECRET = "rapid-test-secret-0009"
 
 
 @pytest.fixture(scope="session")
@@ -45,14 +50,26 @@ def upstream():
 
 
 @pytest.fixture(scope="session")
+def stripe_fake():
+    fake = FakeStripe().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
 def migrated_db(tmp_path_factory):
     path = tmp_path_factory.mktemp("db") / "template.db"
     migrations.upgrade(f"sqlite:///{path}")
     return path
 
 
-def app_config(tmp_path, redis_url: str, upstream: FakeUpstream, db_url: str) -> dict:
+def app_config(tmp_path, redis_url: str, upstream: FakeUpstream, db_url: str, stripe_url: str = "") -> dict:
     return {
+        "STRIPE_API_BASE": stripe_url or "http://127.0.0.1:9",
+        "STRIPE_WEBHOOK_SECRET": STRIPE_WEBHOOK_SECRET,
+        "STRIPE_CRYPTO": True,
+        "COINBASE_WEBHOOK_SECRET": COINBASE_WEBHOOK_SECRET,
+        "RAPIDAPI_SECRET": RAPIDAPI_SECRET,
         "BROKER_ENV": "testing",
         "SECRET_KEY": "test-secret",
         "INSTANCE_PATH": str(tmp_path / "instance"),
@@ -78,11 +95,12 @@ def app_config(tmp_path, redis_url: str, upstream: FakeUpstream, db_url: str) ->
 
 
 @pytest.fixture
-def app(tmp_path, redis_server, upstream, migrated_db):
+def app(tmp_path, redis_server, upstream, stripe_fake, migrated_db):
     shutil.copy(migrated_db, tmp_path / "broker.db")
     redis.Redis(port=redis_server.port).flushall()
     upstream.reset()
-    config = app_config(tmp_path, redis_server.url, upstream, f"sqlite:///{tmp_path / 'broker.db'}")
+    stripe_fake.reset()
+    config = app_config(tmp_path, redis_server.url, upstream, f"sqlite:///{tmp_path / 'broker.db'}", stripe_fake.url)
     app = create_app(config)
     app.config["BROKER_TEST_CONFIG"] = config
     # No app context stays pushed: each test request gets its own, as in production

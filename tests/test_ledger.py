@@ -84,8 +84,8 @@ def test_hold_without_max_tokens_is_capped_by_what_the_balance_affords(app):
 def test_debit_never_goes_below_zero_and_is_applied_once(app):
     ledger = app.extensions["broker"].ledger
     tenant = make_tenant("0.5")
-    assert ledger.debit(tenant.account_id, 2_000_000, "refund-1", "refund") == (500_000, 0)
-    assert ledger.debit(tenant.account_id, 2_000_000, "refund-1", "refund") == (500_000, 0)
+    assert ledger.debit(tenant.account_id, 2_000_000, "refund-1", "refund") == (True, 500_000, 0)
+    assert ledger.debit(tenant.account_id, 2_000_000, "refund-1", "refund") == (False, 500_000, 0)
     assert_invariant(app)
 
 

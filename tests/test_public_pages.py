@@ -220,12 +220,12 @@ def test_docs_example_bodies_are_accepted_by_the_api(app, client, tenant):
         ref = docs_render.reference(spec(), "http://localhost/", openapi.ERRORS, models)
     posted = 0
     for op in ref.operations:
-        if op.example_body is None:
+        if op.example_body is None or op.path.startswith("/webhooks/"):
             continue
         response = client.post(op.path, json=op.example_body, headers=tenant.headers)
-        assert response.status_code in (200, 202), (op.path, response.json)
+        assert response.status_code in (200, 201, 202), (op.path, response.json)
         posted += 1
-    assert posted == 5
+    assert posted == 7, [op.path for op in ref.operations if op.example_body is not None]
 
 
 def test_docs_field_table_resolves_refs_and_constraints(client):

@@ -6,6 +6,7 @@ from flask import Blueprint, current_app, g, request
 from pydantic import BaseModel, ValidationError
 
 from broker import keys
+from broker.billing import rapidapi
 from broker.errors import InvalidRequest
 from broker.extensions import services
 
@@ -23,7 +24,13 @@ def presented_key() -> str | None:
 @bp.before_request
 def authenticate() -> None:
     svc = services()
-    g.caller = keys.authenticate(svc.redis, svc.db, presented_key(), current_app.config["KEY_CACHE_SECONDS"])
+    config = current_app.config
+    if rapidapi.is_marketplace_request(request.headers):
+        g.caller = rapidapi.authenticate(
+            svc.redis, svc.db, config["RAPIDAPI_SECRET"], config["RAPIDAPI_PLANS"], request.headers
+        )
+        return
+    g.caller = keys.authenticate(svc.redis, svc.db, presented_key(), config["KEY_CACHE_SECONDS"])
 
 
 def parse(model: type[BaseModel]) -> BaseModel:
@@ -49,4 +56,4 @@ def _validate(model: type[BaseModel], data: dict) -> BaseModel:
         raise InvalidRequest(f"{message}: {param}", param=param, code=first["type"]) from None
 
 
-from broker.api import account, chat, media  # noqa: E402,F401  (routes register on bp)
+from broker.api import account, billing, chat, media  # noqa: E402,F401  (routes register on bp)

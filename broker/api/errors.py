@@ -29,7 +29,7 @@ def error_response(error: BrokerError) -> Response:
 
 
 def _is_api() -> bool:
-    return request.path.startswith("/v1/") or request.path == "/v1"
+    return request.path.startswith(("/v1/", "/webhooks/")) or request.path == "/v1"
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -23,6 +23,7 @@ ERRORS = {
     "404": "No such model, route or object (another account's objects are not found either).",
     "409": "The object is in a state that does not allow this.",
     "413": "Request body too large.",
+    "422": "The request is well-formed but a value is not acceptable (e.g. an invalid email address).",
     "429": "Rate limited: retry after `Retry-After` seconds.",
     "502": "The provider failed; the hold was released.",
     "503": "The provider, or the broker's own store, is unavailable; nothing was charged.",
@@ -124,10 +125,10 @@ def _operation(op: Operation, path: str, method: str, components: dict) -> dict:
 
 
 def documented_routes(app: Flask) -> list[tuple[str, str, Operation | None]]:
-    """Every /v1 route as (path, method, its Operation or None)."""
+    """Every /v1 and /webhooks route as (path, method, its Operation or None)."""
     routes = []
     for rule in app.url_map.iter_rules():
-        if not rule.rule.startswith("/v1/"):
+        if not rule.rule.startswith(("/v1/", "/webhooks/")):
             continue
         view = app.view_functions[rule.endpoint]
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
