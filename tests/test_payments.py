@@ -1,0 +1,359 @@
+"""Money in is never lost and never counted twice: Stripe Checkout, webhooks, refunds, USDC, RapidAPI, sign-up."""
+
+from __future__ import annotations
+
+import json
+import threading
+from urllib.parse import urlsplit
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from broker import billing
+from broker.models import LedgerEntry, Purchase
+from tests.conftest import COINBASE_WEBHOOK_SECRET, RAPIDAPI_SECRET, STRIPE_WEBHOOK_SECRET, assert_invariant
+from tests.fakes.stripe_api import coinbase_event, coinbase_signature, stripe_signature, stripe_webhook
+from tests.fakes.upstreams import Reply
+
+
+def checkout(client, tenant, **body) -> dict:
+    response = client.post("/v1/checkout", json=body or {"pack": "usd20"}, headers=tenant.headers)
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def balance(app, tenant) -> int:
+    return app.extensions["broker"].ledger.balance(tenant.account_id)
+
+
+def send(client, event: dict, secret: str = STRIPE_WEBHOOK_SECRET, t: int | None = None):
+    body, headers = stripe_webhook(event, secret, t)
+    return client.post("/webhooks/stripe", data=body, headers=headers)
+
+
+def grants(app, tenant) -> int:
+    session = app.extensions["broker"].db()
+    session.expire_all()
+    return session.scalar(
+        select(func.count()).where(LedgerEntry.account_id == tenant.account_id, LedgerEntry.kind == "grant")
+    )
+
+
+def test_checkout_session_is_created_with_pack_metadata_and_return_urls(client, tenant, stripe_fake):
+    session = checkout(client, tenant)
+    created = stripe_fake.sessions[session["id"]]
+    assert session["url"] == created["url"]
+    assert created["mode"] == "payment" and created["amount_total"] == 2000
+    assert created["client_reference_id"] == str(tenant.account_id)
+    assert created["metadata"] == {"account_id": str(tenant.account_id), "credits_ucr": "2000000000", "pack": "usd20"}
+    assert "{CHECKOUT_SESSION_ID}" in created["success_url"]
+    purchases = client.get("/v1/purchases", headers=tenant.headers).json["data"]
+    assert [(p["status"], p["credits"], p["amount_usd"]) for p in purchases] == [("pending", "2000.000000", "20")]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"pack": "usd7"}, "pack"), ({"amount_usd": 1}, "amount_usd"), ({"amount_usd": 5000}, "amount_usd"), ({}, "pack")],
+)
+def test_bad_checkout_requests_name_the_param_and_create_nothing(client, tenant, stripe_fake, body, param):
+    response = client.post("/v1/checkout", json=body, headers=tenant.headers)
+    assert response.status_code == 400 and response.json["error"]["param"] == param
+    assert stripe_fake.sessions == {}
+
+
+def test_custom_amount_and_crypto(client, tenant, stripe_fake):
+    session = checkout(client, tenant, amount_usd="12.34", crypto=True)
+    created = stripe_fake.sessions[session["id"]]
+    assert created["amount_total"] == 1234 and "crypto" in created["payment_method_types"]
+    assert created["metadata"]["credits_ucr"] == "1234000000"
+
+
+def test_five_concurrent_webhooks_and_the_success_page_grant_once(app, client, tenant, stripe_fake):
+    start = balance(app, tenant)
+    session = checkout(client, tenant)
+    paid = stripe_fake.pay(session["id"])
+    event = stripe_fake.event("checkout.session.completed", paid)
+    body, headers = stripe_webhook(event, STRIPE_WEBHOOK_SECRET)
+    results: list[int] = []
+    barrier = threading.Barrier(6)
+
+    def webhook() -> None:
+        barrier.wait()
+        results.append(app.test_client().post("/webhooks/stripe", data=body, headers=headers).status_code)
+
+    def success_page() -> None:
+        svc = app.extensions["broker"]
+        from broker.billing import stripe_checkout
+
+        with app.app_context():
+            barrier.wait()
+            stripe_checkout.fulfil_checkout(svc.stripe, svc.db(), svc.ledger, session["id"])
+            svc.db.remove()
+
+    threads = [threading.Thread(target=webhook) for _ in range(5)] + [threading.Thread(target=success_page)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [200] * 5
+    assert balance(app, tenant) - start == 2_000_000_000
+    assert grants(app, tenant) == 2  # the test's starting credits and this purchase
+    db = app.extensions["broker"].db()
+    assert db.scalar(select(func.count()).select_from(Purchase)) == 1
+    assert db.scalar(select(Purchase.status)) == "paid"
+    assert_invariant(app)
+
+
+def test_unpaid_completion_then_async_success_grants_once_on_the_second(app, client, tenant, stripe_fake):
+    start = balance(app, tenant)
+    session = checkout(client, tenant, pack="usd5", crypto=True)
+    unpaid = stripe_fake.complete_unpaid(session["id"])
+    assert send(client, stripe_fake.event("checkout.session.completed", unpaid)).status_code == 200
+    assert balance(app, tenant) == start
+    paid = stripe_fake.pay(session["id"])
+    assert send(client, stripe_fake.event("checkout.session.async_payment_succeeded", paid)).status_code == 200
+    assert balance(app, tenant) - start == 500_000_000
+    assert send(client, stripe_fake.event("checkout.session.completed", unpaid)).status_code == 200  # a late retry
+    assert balance(app, tenant) - start == 500_000_000
+    assert_invariant(app)
+
+
+def test_events_in_reverse_order_grant_once(app, client, tenant, stripe_fake):
+    start = balance(app, tenant)
+    session = checkout(client, tenant, pack="usd5")
+    unpaid = stripe_fake.complete_unpaid(session["id"])
+    paid = stripe_fake.pay(session["id"])
+    send(client, stripe_fake.event("checkout.session.async_payment_succeeded", paid))
+    send(client, stripe_fake.event("checkout.session.completed", unpaid))
+    assert balance(app, tenant) - start == 500_000_000
+    assert grants(app, tenant) == 2
+    assert_invariant(app)
+
+
+def test_async_payment_failed_grants_nothing(app, client, tenant, stripe_fake):
+    start = balance(app, tenant)
+    session = checkout(client, tenant, pack="usd5")
+    stripe_fake.complete_unpaid(session["id"])
+    failed = stripe_fake.fail(session["id"])
+    assert send(client, stripe_fake.event("checkout.session.async_payment_failed", failed)).status_code == 200
+    assert balance(app, tenant) == start
+    assert client.get("/v1/purchases", headers=tenant.headers).json["data"][0]["status"] == "failed"
+    assert_invariant(app)
+
+
+def test_duplicate_event_ids_and_unknown_types_are_acknowledged_and_ignored(app, client, tenant, stripe_fake):
+    session = checkout(client, tenant, pack="usd5")
+    event = stripe_fake.event("checkout.session.completed", stripe_fake.pay(session["id"]))
+    assert send(client, event).json["outcome"] == "paid"
+    assert send(client, event).json["outcome"] == "duplicate"
+    other = send(client, stripe_fake.event("customer.created", {"id": "cus_1", "object": "customer"}))
+    assert other.status_code == 200 and other.json["outcome"] == "ignored"
+
+
+def _bad_signature_requests(event: dict) -> list[tuple[bytes, dict]]:
+    body, headers = stripe_webhook(event, STRIPE_WEBHOOK_SECRET)
+    tampered = body.replace(b'"paid"', b'"paid" ')
+    reserialised = json.dumps(json.loads(body), indent=1).encode()
+    old = int(time.time()) - 301
+    return [
+        (tampered, headers),
+        (body, {**headers, "Stripe-Signature": stripe_signature(body, "whsec_wrong")}),
+        (body, {**headers, "Stripe-Signature": stripe_signature(body, STRIPE_WEBHOOK_SECRET, old)}),
+        (reserialised, headers),
+        (body, {"Content-Type": "application/json"}),
+    ]
+
+
+@pytest.mark.parametrize("case", ["tampered", "wrong secret", "too old", "re-serialised", "no header"])
+def test_bad_stripe_signatures_are_400_and_change_nothing(app, client, tenant, stripe_fake, case):
+    start = balance(app, tenant)
+    session = checkout(client, tenant, pack="usd5")
+    event = stripe_fake.event("checkout.session.completed", stripe_fake.pay(session["id"]))
+    cases = dict(
+        zip(
+            ["tampered", "wrong secret", "too old", "re-serialised", "no header"],
+            _bad_signature_requests(event),
+            strict=True,
+        )
+    )
+    body, headers = cases[case]
+    response = client.post("/webhooks/stripe", data=body, headers=headers)
+    assert response.status_code == 400 and response.json["error"]["code"] == "bad_signature"
+    assert balance(app, tenant) == start
+    assert client.get("/v1/purchases", headers=tenant.headers).json["data"][0]["status"] == "pending"
+    assert_invariant(app)
+
+
+def _paid_purchase(app, client, tenant, stripe_fake, pack: str = "usd20") -> dict:
+    session = checkout(client, tenant, pack=pack)
+    send(client, stripe_fake.event("checkout.session.completed", stripe_fake.pay(session["id"])))
+    return session
+
+
+def test_partial_then_full_refund_takes_credits_back_once(app, client, tenant, stripe_fake):
+    start = balance(app, tenant)
+    session = _paid_purchase(app, client, tenant, stripe_fake)
+    charge, previous = stripe_fake.refund(session["id"], 500)  # $5 of $20
+    event = stripe_fake.event("charge.refunded", charge, previous)
+    assert send(client, event).status_code == 200
+    assert send(client, {**event, "id": event["id"] + "x"}).status_code == 200  # same refund, new delivery id
+    assert balance(app, tenant) - start == 1_500_000_000
+    charge, previous = stripe_fake.refund(session["id"])
+    send(client, stripe_fake.event("charge.refunded", charge, previous))
+    assert balance(app, tenant) == start
+    purchase = client.get("/v1/purchases", headers=tenant.headers).json["data"][0]
+    assert purchase["status"] == "refunded" and purchase["refunded_credits"] == "2000.000000"
+    assert_invariant(app)
+
+
+def test_refund_of_spent_credits_never_goes_below_zero(app, client, stripe_fake, upstream):
+    from tests.conftest import make_tenant
+
+    tenant = make_tenant("0")
+    session = _paid_purchase(app, client, tenant, stripe_fake, pack="usd5")
+    app.extensions["broker"].ledger.debit(tenant.account_id, 400_000_000, "spend-sim", "spent on calls")
+    charge, previous = stripe_fake.refund(session["id"])
+    send(client, stripe_fake.event("charge.refunded", charge, previous))
+    assert balance(app, tenant) == 0
+    db = app.extensions["broker"].db()
+    purchase = db.scalar(select(Purchase))
+    assert purchase.status == "refunded" and purchase.refunded_ucr == 100_000_000
+    assert purchase.shortfall_ucr == 400_000_000
+    assert_invariant(app)
+
+
+def test_operator_cli_lists_and_refunds_purchases(app, client, runner, tenant, stripe_fake):
+    start = balance(app, tenant)
+    _paid_purchase(app, client, tenant, stripe_fake, pack="usd5")
+    listed = runner.invoke(args=["broker", "purchases", tenant.email])
+    assert "paid" in listed.output and "500.000000 credits" in listed.output
+    purchase_id = int(listed.output.split()[0])
+    refunded = runner.invoke(args=["broker", "refund", str(purchase_id)])
+    assert refunded.exit_code == 0 and "took back 500.000000 credits" in refunded.output
+    assert balance(app, tenant) == start
+    assert runner.invoke(args=["broker", "refund", str(purchase_id)]).exit_code != 0
+    assert_invariant(app)
+
+
+def test_success_page_fulfils_and_shows_the_purchase(app, client, tenant, stripe_fake):
+    from werkzeug.security import generate_password_hash
+
+    from broker.models import Account
+    from tests.test_dashboard import login
+
+    db = app.extensions["broker"].db()
+    db.get(Account, tenant.account_id).password_hash = generate_password_hash("correct horse battery")
+    db.commit()
+    login(client, tenant.email)
+    page = client.get("/dashboard/billing").get_data(as_text=True)
+    token = page.split('name="csrf_token" value="')[1].split('"')[0]
+    start = balance(app, tenant)
+    redirect = client.post("/dashboard/billing/checkout", data={"pack": "usd5", "csrf_token": token})
+    assert redirect.status_code == 303 and redirect.headers["Location"].startswith(stripe_fake.url + "/pay/")
+    import requests
+
+    back = requests.get(redirect.headers["Location"], allow_redirects=False, timeout=5)
+    assert back.status_code == 303
+    target = urlsplit(back.headers["Location"])
+    returned = client.get(f"{target.path}?{target.query}")
+    assert returned.status_code == 302
+    assert balance(app, tenant) - start == 500_000_000
+    billing_page = client.get("/dashboard/billing").get_data(as_text=True)
+    assert 'data-testid="purchase"' in billing_page and "500.000000" in billing_page
+    assert_invariant(app)
+
+
+def test_coinbase_confirmed_grants_once_and_bad_signatures_change_nothing(app, client, tenant):
+    start = balance(app, tenant)
+    metadata = {"account_id": str(tenant.account_id), "credits_ucr": "1000000000"}
+    pending = json.dumps(coinbase_event("charge:pending", "XA6G6ZFR", metadata, "10.00")).encode()
+    confirmed = json.dumps(coinbase_event("charge:confirmed", "XA6G6ZFR", metadata, "10.00")).encode()
+
+    def post(body: bytes, signature: str | None):
+        headers = {"Content-Type": "application/json"}
+        if signature is not None:
+            headers["X-CC-Webhook-Signature"] = signature
+        return client.post("/webhooks/coinbase", data=body, headers=headers)
+
+    assert post(confirmed, coinbase_signature(confirmed, "wrong")).status_code == 400
+    assert post(confirmed, None).status_code == 400
+    assert (
+        post(confirmed.replace(b"10.00", b"99.00"), coinbase_signature(confirmed, COINBASE_WEBHOOK_SECRET)).status_code
+        == 400
+    )
+    assert balance(app, tenant) == start
+    assert post(pending, coinbase_signature(pending, COINBASE_WEBHOOK_SECRET)).json["outcome"] == "pending"
+    for _ in range(2):
+        assert post(confirmed, coinbase_signature(confirmed, COINBASE_WEBHOOK_SECRET)).status_code == 200
+    assert balance(app, tenant) - start == 1_000_000_000
+    purchases = billing.purchases_of(app.extensions["broker"].db(), tenant.account_id)
+    assert [(p.provider, p.status, p.method) for p in purchases] == [("coinbase", "paid", "crypto")]
+    assert_invariant(app)
+
+
+RAPID = {"X-RapidAPI-Proxy-Secret": RAPIDAPI_SECRET, "X-RapidAPI-User": "alice_dev", "X-RapidAPI-Subscription": "PRO"}
+CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+
+
+def test_rapidapi_requests_are_served_metered_and_not_charged(app, client, upstream):
+    upstream.queue(Reply(input_tokens=20, output_tokens=10))
+    response = client.post("/v1/chat/completions", json=CHAT, headers=RAPID)
+    assert response.status_code == 200
+    assert response.headers["X-Credits-Charged"] == "0.000000"
+    usage = client.get("/v1/usage", headers=RAPID).json["data"]
+    assert len(usage) == 1 and usage[0]["charged_ucr"] == 0
+    assert usage[0]["tokens"]["input"] == 20 and usage[0]["provider_cost_usd"] != "0"
+    assert usage[0]["detail"]["plan"] == "PRO"
+    db = app.extensions["broker"].db()
+    from broker.models import Account
+
+    account = db.scalar(select(Account).where(Account.source == "rapidapi"))
+    assert account is not None and app.extensions["broker"].ledger.balance(account.id) == 0
+    assert client.post("/v1/checkout", json={"pack": "usd5"}, headers=RAPID).status_code == 403
+    assert_invariant(app)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-RapidAPI-User": "mallory"},
+        {"X-RapidAPI-User": "mallory", "X-RapidAPI-Proxy-Secret": "guess"},
+        {"X-RapidAPI-Proxy-Secret": "", "X-RapidAPI-Subscription": "MEGA"},
+    ],
+)
+def test_rapidapi_headers_without_the_right_secret_are_401(client, upstream, headers, tenant):
+    response = client.post("/v1/chat/completions", json=CHAT, headers={**headers, **tenant.headers})
+    assert response.status_code == 401
+    assert upstream.requests == []
+
+
+def test_rapidapi_plan_limit(app, client):
+    app.config["RAPIDAPI_PLANS"] = {"BASIC": 2}
+    headers = {**RAPID, "X-RapidAPI-Subscription": "BASIC"}
+    statuses = [client.get("/v1/balance", headers=headers).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+
+
+def test_register_returns_a_key_once_and_the_same_shape_for_a_known_email(app, client):
+    app.config["TRIAL_CREDITS"] = __import__("decimal").Decimal("2.5")
+    first = client.post("/v1/register", json={"email": "Dev@Example.com"})
+    assert first.status_code == 201 and first.json["api_key"].startswith("brk_live_")
+    assert first.json["trial_credits"] == "2.500000"
+    assert (
+        client.get("/v1/balance", headers={"X-API-Key": first.json["api_key"]}).json["available_credits"] == "2.500000"
+    )
+    again = client.post("/v1/register", json={"email": "dev@example.com"})
+    assert again.status_code == 201 and set(again.json) == set(first.json)
+    assert again.json["api_key"] is None and again.json["trial_credits"] == "0.000000"
+    db = app.extensions["broker"].db()
+    from broker.models import ApiKey
+
+    assert db.scalar(select(func.count()).select_from(ApiKey)) == 1
+    assert client.post("/v1/register", json={"email": "not-an-email"}).status_code == 422
+    assert_invariant(app)
+
+
+def test_register_is_rate_limited_per_ip(client):
+    statuses = [client.post("/v1/register", json={"email": f"u{i}@example.com"}).status_code for i in range(6)]
+    assert statuses == [201] * 5 + [429]
