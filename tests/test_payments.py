@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
-from urllib.parse import urlsplit
 import time
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import func, select
