@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, Response, current_app, g, request
 from pydantic import BaseModel, ValidationError
 
-from broker import keys
+from broker import idempotency, keys
 from broker.billing import rapidapi
 from broker.errors import InvalidRequest
 from broker.extensions import services
@@ -31,6 +31,48 @@ def authenticate() -> None:
         )
         return
     g.caller = keys.authenticate(svc.redis, svc.db, presented_key(), config["KEY_CACHE_SECONDS"])
+
+
+KEPT_HEADERS = (
+    "Content-Type",
+    "Location",
+    "X-Credits-Charged",
+    "X-Credits-Remaining",
+    "X-Credits-Held",
+    "X-Request-Id",
+)
+
+
+@bp.before_request
+def replay_idempotent():
+    """Runs after ``authenticate``: a retried POST with the same Idempotency-Key gets the first answer."""
+    idempotency_key = request.headers.get("Idempotency-Key")
+    if request.method != "POST" or not idempotency_key:
+        return None
+    key, stored = idempotency.begin(services().redis, g.caller.account_id, idempotency_key, request.get_data())
+    if stored is None:
+        g.idempotency_key = key
+        return None
+    response = Response(stored["data"], status=stored["status"], headers=stored["headers"])
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+@bp.after_request
+def keep_idempotent(response: Response) -> Response:
+    key = g.pop("idempotency_key", None)
+    if key is not None:
+        data = None if response.is_streamed else response.get_data()
+        headers = {name: response.headers[name] for name in KEPT_HEADERS if name in response.headers}
+        idempotency.finish(services().redis, key, request.get_data(), response.status_code, headers, data)
+    return response
+
+
+@bp.teardown_request
+def _abandon_idempotent(_error) -> None:
+    key = g.pop("idempotency_key", None)
+    if key is not None:
+        idempotency.abandon(services().redis, key)
 
 
 def parse(model: type[BaseModel]) -> BaseModel:

@@ -1,0 +1,100 @@
+"""Idempotency-Key: a retried POST replays the first answer and is charged once."""
+
+from __future__ import annotations
+
+import threading
+
+from tests.conftest import assert_invariant
+from tests.fakes.upstreams import Reply
+
+CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "once"}], "max_tokens": 10}
+
+
+def balance(app, tenant) -> int:
+    return app.extensions["broker"].ledger.balance(tenant.account_id)
+
+
+def test_same_key_same_body_replays_and_charges_once(app, client, tenant, upstream):
+    headers = {**tenant.headers, "Idempotency-Key": "order-42"}
+    start = balance(app, tenant)
+    first = client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    second = client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert second.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
+    assert second.json == first.json
+    assert second.headers["X-Credits-Charged"] == first.headers["X-Credits-Charged"]
+    assert len(upstream.requests) == 1
+    assert start - balance(app, tenant) == int(first.json["usage"]["cost_credits"] * 1_000_000)
+    assert_invariant(app)
+
+
+def test_same_key_different_body_is_409(client, tenant):
+    headers = {**tenant.headers, "Idempotency-Key": "k1"}
+    client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    other = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 11}, headers=headers)
+    assert other.status_code == 409 and other.json["error"]["code"] == "idempotency_key_reused"
+
+
+def test_keys_are_per_account(client, tenant, upstream):
+    from tests.conftest import make_tenant
+
+    other = make_tenant()
+    client.post("/v1/chat/completions", json=CHAT, headers={**tenant.headers, "Idempotency-Key": "shared"})
+    theirs = client.post("/v1/chat/completions", json=CHAT, headers={**other.headers, "Idempotency-Key": "shared"})
+    assert "Idempotent-Replayed" not in theirs.headers and len(upstream.requests) == 2
+
+
+def test_concurrent_duplicates_execute_once(app, live_server, tenant, upstream):
+    import requests
+
+    upstream.default = Reply(delay=0.5)
+    start = balance(app, tenant)
+    barrier = threading.Barrier(5)
+    answers = []
+
+    def call() -> None:
+        barrier.wait()
+        response = requests.post(
+            f"{live_server}/v1/chat/completions",
+            json=CHAT,
+            headers={**tenant.headers, "Idempotency-Key": "burst"},
+            timeout=10,
+        )
+        answers.append(response.status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(answers) == [200] + [409] * 4
+    assert len(upstream.requests) == 1
+    replay = requests.post(
+        f"{live_server}/v1/chat/completions",
+        json=CHAT,
+        headers={**tenant.headers, "Idempotency-Key": "burst"},
+        timeout=10,
+    )
+    assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
+    assert start - balance(app, tenant) > 0
+    assert_invariant(app)
+
+
+def test_server_errors_are_not_kept_so_a_retry_runs(app, client, tenant, upstream):
+    upstream.queue(Reply(status=500), Reply(status=500), Reply(status=500))
+    headers = {**tenant.headers, "Idempotency-Key": "retry-me"}
+    failed = client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert failed.status_code == 502
+    retried = client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert retried.status_code == 200 and "Idempotent-Replayed" not in retried.headers
+
+
+def test_media_submit_replays_the_same_job(app, client, tenant):
+    headers = {**tenant.headers, "Idempotency-Key": "song-1"}
+    body = {"model": "demo/music", "prompt": "a tune"}
+    first = client.post("/v1/music", json=body, headers=headers)
+    second = client.post("/v1/music", json=body, headers=headers)
+    assert first.status_code == second.status_code == 202
+    assert first.json["id"] == second.json["id"] and second.headers["Location"] == first.headers["Location"]
+    jobs = client.get("/v1/jobs", headers=tenant.headers).json["data"]
+    assert len(jobs) == 1
