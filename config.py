@@ -89,6 +89,10 @@ def load(overrides: dict | None = None) -> dict:
             "RAPIDAPI_PLANS", '{"BASIC": 30, "PRO": 300, "ULTRA": 1200, "MEGA": 6000, "CUSTOM": 600}'
         ),
         "TRIAL_CREDITS": Decimal(env("TRIAL_CREDITS", "0")),
+        # Per API key, unless the key has its own (flask broker limit-key).
+        "RATE_LIMIT_PER_MINUTE": int(env("RATE_LIMIT_PER_MINUTE", "600")),
+        "RATE_LIMIT_PER_DAY": int(env("RATE_LIMIT_PER_DAY", "100000")),
+        "SPEND_LIMIT_CREDITS_PER_DAY": Decimal(env("SPEND_LIMIT_CREDITS_PER_DAY", "0")),
         "REGISTER_RATE_LIMIT": env("REGISTER_RATE_LIMIT", "5/hour"),
         # The demo provider is on when no provider key is set, or when DEMO_PROVIDER=1.
         "DEMO_PROVIDER": env("DEMO_PROVIDER", ""),

@@ -27,7 +27,7 @@ from broker.errors import (
     InvalidRequest,
     UpstreamStreamBroken,
 )
-from broker.keys import Caller, stamp_last_used
+from broker.keys import Caller, stamp_use
 from broker.ledger import Hold, HoldEnd, Ledger
 from broker.pricing import ModelPrice, PriceTable
 from broker.providers.base import (
@@ -243,7 +243,7 @@ def _settle(
         ctx.request_id,
         charge,
         receipt,
-        extra=lambda pipe: stamp_last_used(pipe, ctx.caller),
+        extra=lambda pipe: stamp_use(pipe, ctx.caller, charge),
     )
     if ended.status != "ended":
         log.error(

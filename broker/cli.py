@@ -211,3 +211,22 @@ def refund(purchase_id: int) -> None:
         f"purchase {purchase.id} refunded; took back {pricing.format_credits(taken)} credits"
         + (f", {pricing.format_credits(purchase.shortfall_ucr)} already spent" if purchase.shortfall_ucr else "")
     )
+
+
+@broker_cli.command("limit-key")
+@click.argument("key_id", type=int)
+@click.option("--per-minute", type=int, default=None, help="Requests a minute (default: RATE_LIMIT_PER_MINUTE).")
+@click.option("--per-day", type=int, default=None, help="Requests a day (default: RATE_LIMIT_PER_DAY).")
+@click.option(
+    "--credits-per-day", default=None, help="Spend cap in credits a day (default: SPEND_LIMIT_CREDITS_PER_DAY)."
+)
+def limit_key(key_id: int, per_minute: int | None, per_day: int | None, credits_per_day: str | None) -> None:
+    """Override one API key's limits; options left out go back to the server defaults."""
+    cap = pricing.credits_to_ucr(Decimal(credits_per_day)) if credits_per_day is not None else None
+    svc = services()
+    try:
+        keys.set_limits(svc.db(), svc.redis, key_id, per_minute, per_day, cap)
+    except BrokerError as error:
+        _fail(error)
+    shown = [per_minute or "default", per_day or "default", credits_per_day or "default"]
+    click.echo(f"key {key_id}: {shown[0]}/minute, {shown[1]}/day, spend cap {shown[2]} credits/day")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import redis
@@ -21,6 +22,7 @@ from broker import db, embedded_redis
 from broker.billing import Catalogue, stripe_checkout
 from broker.chat import Metering
 from broker.ledger import Ledger
+from broker.limits import Limits
 from broker.media import MediaContext
 from broker.pricing import PriceTable
 from broker.providers.anthropic import AnthropicProvider
@@ -175,6 +177,11 @@ def init_web(app: Flask, redis_url: str) -> None:
 
 def init_app(app: Flask) -> Services:
     config = app.config
+    config["DEFAULT_LIMITS"] = Limits(
+        int(config["RATE_LIMIT_PER_MINUTE"]),
+        int(config["RATE_LIMIT_PER_DAY"]),
+        int(Decimal(config["SPEND_LIMIT_CREDITS_PER_DAY"]) * 1_000_000),
+    )
     url = redis_url(config)
     client = redis.Redis.from_url(
         url,

@@ -20,7 +20,9 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from broker import limits
 from broker.errors import AuthenticationFailed, NotFound
+from broker.limits import Limits
 from broker.models import Account, ApiKey
 
 PREFIX = "brk_live_"
@@ -72,6 +74,7 @@ class Caller:
     account_id: int
     key_id: int
     marketplace: str | None = None
+    rate_tag: str = ""  # what the key's rate counters are named by
 
 
 def create_key(
@@ -106,12 +109,16 @@ def revoke_key(session: Session, client: redis.Redis, account_id: int, key_id: i
     return row
 
 
-def authenticate(client: redis.Redis, session_factory, key: str | None, cache_seconds: int) -> Caller:
-    """The caller a key belongs to, or ``AuthenticationFailed``.
+def authenticate(
+    client: redis.Redis, session_factory, key: str | None, cache_seconds: int, defaults: Limits
+) -> tuple[Caller, dict[str, str]]:
+    """The caller a key belongs to and its X-RateLimit headers; ``AuthenticationFailed`` or ``RateLimited``.
 
-    One Redis GET when cached; the SQL lookup (and caching) happens only on a miss.
-    The cache stores "account:key:expiry" or "-" for a well-formed key that matched
-    nothing, so guessing costs no SQL either.
+    One pipelined Redis round trip when cached: the cache GET and the key's rate
+    counters together; the SQL lookup (and caching) happens only on a miss. The cache
+    stores "account:key:expiry:per-minute:per-day:spend-cap" (empty fields: the
+    defaults) or "-" for a well-formed key that matched nothing, so guessing costs no
+    SQL either.
     """
     if not key:
         raise AuthenticationFailed(
@@ -121,16 +128,26 @@ def authenticate(client: redis.Redis, session_factory, key: str | None, cache_se
     if not well_formed(key):
         raise AuthenticationFailed("Invalid API key.")
     digest = hash_key(key)
-    cached = client.get(CACHE + digest)
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.get(CACHE + digest)
+    limits.queue_counts(pipe, digest[:24], now)
+    cached, *counts = pipe.execute()
     if cached is None:
         cached = _lookup(session_factory, digest)
         client.set(CACHE + digest, cached, ex=cache_seconds)
     if cached == "-":
         raise AuthenticationFailed("Invalid API key.")
-    account_id, key_id, expires = cached.split(":")
-    if expires and float(expires) <= time.time():
+    account_id, key_id, expires, per_minute, per_day, cap = cached.split(":")
+    if expires and float(expires) <= now:
         raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
-    return Caller(int(account_id), int(key_id))
+    own = Limits(
+        int(per_minute or defaults.per_minute),
+        int(per_day or defaults.per_day),
+        int(cap or defaults.spend_per_day_ucr),
+    )
+    headers = limits.check(own, counts, now)
+    return Caller(int(account_id), int(key_id), rate_tag=digest[:24]), headers
 
 
 def _lookup(session_factory, digest: str) -> str:
@@ -141,12 +158,34 @@ def _lookup(session_factory, digest: str) -> str:
     expires = row.expires_at
     if expires is not None and expires.tzinfo is None:
         expires = expires.replace(tzinfo=UTC)
-    return f"{row.account_id}:{row.id}:{expires.timestamp() if expires else ''}"
+    fields = (row.rate_per_minute, row.rate_per_day, row.spend_per_day_ucr)
+    overrides = ":".join("" if value is None else str(value) for value in fields)
+    return f"{row.account_id}:{row.id}:{expires.timestamp() if expires else ''}:{overrides}"
 
 
-def stamp_last_used(pipe, caller: Caller) -> None:
-    """Queue a last-used stamp on a pipeline; ``flush_last_used`` moves them to SQL."""
-    pipe.hset(LAST_USED, str(caller.key_id), str(int(time.time())))
+def set_limits(
+    session: Session,
+    client: redis.Redis,
+    key_id: int,
+    per_minute: int | None,
+    per_day: int | None,
+    spend_per_day_ucr: int | None,
+) -> ApiKey:
+    """Override a key's limits (None: the server default); effective at once (cache cleared)."""
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        raise NotFound(f"No API key {key_id}.", param="key_id")
+    row.rate_per_minute, row.rate_per_day, row.spend_per_day_ucr = per_minute, per_day, spend_per_day_ucr
+    session.commit()
+    client.delete(CACHE + row.key_hash)
+    return row
+
+
+def stamp_use(pipe, caller: Caller, charged_ucr: int = 0) -> None:
+    """Queue a last-used stamp and the day's spend on a settle pipeline; ``flush_last_used`` moves stamps to SQL."""
+    if caller.key_id:
+        pipe.hset(LAST_USED, str(caller.key_id), str(int(time.time())))
+    limits.queue_spend(pipe, caller.rate_tag, charged_ucr)
 
 
 def flush_last_used(session: Session, client: redis.Redis) -> int:

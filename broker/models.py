@@ -51,6 +51,10 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Per-key overrides of the server's default limits (None: the default).
+    rate_per_minute: Mapped[int | None] = mapped_column(Integer)
+    rate_per_day: Mapped[int | None] = mapped_column(Integer)
+    spend_per_day_ucr: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class LedgerEntry(Base):

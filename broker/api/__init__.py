@@ -30,7 +30,15 @@ def authenticate() -> None:
             svc.redis, svc.db, config["RAPIDAPI_SECRET"], config["RAPIDAPI_PLANS"], request.headers
         )
         return
-    g.caller = keys.authenticate(svc.redis, svc.db, presented_key(), config["KEY_CACHE_SECONDS"])
+    g.caller, g.rate_headers = keys.authenticate(
+        svc.redis, svc.db, presented_key(), config["KEY_CACHE_SECONDS"], config["DEFAULT_LIMITS"]
+    )
+
+
+@bp.after_request
+def rate_headers(response: Response) -> Response:
+    response.headers.update(g.get("rate_headers") or {})
+    return response
 
 
 KEPT_HEADERS = (
