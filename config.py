@@ -97,6 +97,13 @@ def load(overrides: dict | None = None) -> dict:
         # The demo provider is on when no provider key is set, or when DEMO_PROVIDER=1.
         "DEMO_PROVIDER": env("DEMO_PROVIDER", ""),
         "LOG_LEVEL": env("LOG_LEVEL", "INFO"),
+        "SENTRY_DSN": env("SENTRY_DSN", ""),
+        # /metrics answers only with "Authorization: Bearer METRICS_TOKEN"; unset: /metrics is off.
+        "METRICS_TOKEN": env("METRICS_TOKEN", ""),
+        "ALERT_WEBHOOK_URL": env("ALERT_WEBHOOK_URL", ""),
+        "ALERT_WINDOW_SECONDS": int(env("ALERT_WINDOW_SECONDS", "900")),
+        "ALERT_UPSTREAM_ERROR_RATE": float(env("ALERT_UPSTREAM_ERROR_RATE", "0.2")),
+        "ALERT_FAILED_JOBS": int(env("ALERT_FAILED_JOBS", "5")),
         "EMBEDDED_REDIS_PORT": int(env("EMBEDDED_REDIS_PORT", "6390")),
     }
     config.update(overrides or {})

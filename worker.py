@@ -31,6 +31,7 @@ def schedule(config) -> tuple:
         (jobs.flush_key_usage, 30),
         (jobs.rollup_usage, 60),
         (jobs.purge_expired_media, 3600),
+        (jobs.check_alerts, 300),
     )
 
 

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import chain
 
-from broker import pricing
+from broker import metrics, pricing
 from broker.errors import (
     BrokerError,
     InsufficientCredits,
@@ -188,6 +188,7 @@ def _insufficient(balance: int, needed: int) -> InsufficientCredits:
 
 
 def _release(m: Metering, ctx: _Call, error: BrokerError) -> None:
+    metrics.UPSTREAM_ERRORS.labels(ctx.price.provider, error.code).inc()
     receipt = _receipt(m, ctx, Usage(), Decimal(0), "error", estimated=False)
     receipt["error_code"] = error.code
     if ctx.caller.marketplace:
@@ -245,6 +246,7 @@ def _settle(
         receipt,
         extra=lambda pipe: stamp_use(pipe, ctx.caller, charge),
     )
+    metrics.CREDITS_CHARGED.labels("chat").inc(ended.charged)
     if ended.status != "ended":
         log.error(
             "settle found no open hold",
@@ -369,6 +371,7 @@ def _relay(m: Metering, ctx: _Call, events, upstream) -> Iterator[str]:
         yield _usage_chunk(prefix, billable, ended.charged)
         yield "data: [DONE]\n\n"
     except UpstreamStreamBroken as error:
+        metrics.UPSTREAM_ERRORS.labels(ctx.price.provider, error.code).inc()
         billable, _ = _billable_usage(ctx, usage, "".join(delivered), finished=False)
         ended, _, _ = _settle(m, ctx, billable, True, "partial", True, error.code)
         settled = True

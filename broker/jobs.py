@@ -9,7 +9,7 @@ import logging
 
 from flask import current_app
 
-from broker import keys, media, usage
+from broker import alerts, keys, media, usage
 from broker.extensions import services
 
 log = logging.getLogger(__name__)
@@ -76,5 +76,23 @@ def rollup_usage() -> int:
     try:
         svc.ledger.drain(svc.db())
         return usage.rollup_days(svc.db(), days=2)
+    finally:
+        svc.db.remove()
+
+
+def check_alerts() -> int:
+    """Alert the operator on upstream error spikes, failed-job spikes and ledger mismatches (deduplicated)."""
+    svc = services()
+    config = current_app.config
+    try:
+        session = svc.db()
+        found = alerts.findings(session, config["ALERT_UPSTREAM_ERROR_RATE"], config["ALERT_FAILED_JOBS"])
+        mismatches = svc.ledger.reconcile(session)
+        if mismatches:
+            found.append(("ledger", f"reconcile found {len(mismatches)} mismatches: {mismatches[0]}"))
+        return sum(
+            alerts.send(svc.redis, config["ALERT_WEBHOOK_URL"], kind, text, config["ALERT_WINDOW_SECONDS"])
+            for kind, text in found
+        )
     finally:
         svc.db.remove()

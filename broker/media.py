@@ -25,7 +25,7 @@ from rq import Queue, Retry
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from broker import pricing
+from broker import metrics, pricing
 from broker.errors import (
     BrokerError,
     Conflict,
@@ -325,6 +325,8 @@ def run(ctx: MediaContext, session: Session, job_id: str, final_attempt: bool) -
     charged = ended.charged if ended.status != "unknown" else 0
     _set_status(session, job.id, ("running",), "succeeded", cost_ucr=charged, progress=100, error_type=None)
     _signal(ctx, job.id, "succeeded")
+    metrics.CREDITS_CHARGED.labels(job.type).inc(charged)
+    metrics.JOB_OUTCOMES.labels(job.type, "succeeded").inc()
     return "succeeded"
 
 
@@ -345,6 +347,8 @@ def _record_results(session: Session, job_id: str, files: list[MediaFile]) -> No
 
 
 def _fail(ctx: MediaContext, session: Session, job: Job, price: ModelPrice, error: BrokerError) -> None:
+    metrics.UPSTREAM_ERRORS.labels(price.provider, error.code).inc()
+    metrics.JOB_OUTCOMES.labels(job.type, "failed").inc()
     receipt = _receipt(ctx, job, price, "error", Decimal(0), {})
     receipt["error_code"] = error.code
     ctx.ledger.release(job.account_id, job.hold_id, receipt)

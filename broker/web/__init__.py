@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
 import markdown
-from flask import Blueprint, jsonify, render_template, request
+from flask import Blueprint, Response, abort, current_app, jsonify, render_template, request
 from markupsafe import Markup
-from sqlalchemy import text
+from rq import Queue
+from sqlalchemy import func, select, text
 
-from broker import ROOT, docs_render
+from broker import ROOT, docs_render, metrics
 from broker.extensions import services
+from broker.ledger import EXPIRY
+from broker.models import Job
 from broker.pricing import ModelPrice, price_summary
 
 bp = Blueprint("public", __name__)
@@ -222,3 +226,21 @@ def readyz():
     svc.redis.ping()
     svc.db().execute(text("SELECT 1"))
     return jsonify({"status": "ready"})
+
+
+@bp.get("/metrics")
+def metrics_endpoint():
+    """Prometheus metrics, only with ``Authorization: Bearer METRICS_TOKEN``."""
+    token = current_app.config["METRICS_TOKEN"]
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not token or not hmac.compare_digest(given.encode(), token.encode()):
+        abort(404)
+    svc = services()
+
+    def live_state() -> dict:
+        session = svc.db()
+        jobs = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        queues = {name: Queue(name, connection=svc.queue_redis).count for name in ("media", "housekeeping")}
+        return {"open_holds": svc.redis.zcard(EXPIRY), "queues": queues, "jobs": jobs}
+
+    return Response(metrics.exposition(live_state), mimetype="text/plain; version=0.0.4")
