@@ -98,6 +98,11 @@ def load(overrides: dict | None = None) -> dict:
         "DEMO_PROVIDER": env("DEMO_PROVIDER", ""),
         "LOG_LEVEL": env("LOG_LEVEL", "INFO"),
         "SENTRY_DSN": env("SENTRY_DSN", ""),
+        # Comma-separated words or phrases refused in prompts (BLOCKLIST_FILE: one a line).
+        "BLOCKLIST": env("BLOCKLIST", ""),
+        "BLOCKLIST_FILE": env("BLOCKLIST_FILE", ""),
+        # "openai": check chat, image and music prompts with OpenAI's moderation endpoint first.
+        "MODERATION": env("MODERATION", ""),
         # /metrics answers only with "Authorization: Bearer METRICS_TOKEN"; unset: /metrics is off.
         "METRICS_TOKEN": env("METRICS_TOKEN", ""),
         "ALERT_WEBHOOK_URL": env("ALERT_WEBHOOK_URL", ""),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -57,6 +57,7 @@ class Metering:
     providers: dict[str, ChatProvider]
     markup: Decimal
     credit_usd: Decimal
+    moderate: Callable[[str, str], None] = lambda text, what: None
 
 
 @dataclass
@@ -142,6 +143,7 @@ def start(
         )
     messages = [msg.model_dump(exclude_none=True) for msg in req.messages]
     bound, prompt_text = input_token_bound(messages)
+    m.moderate(prompt_text, "messages")
     bound += pricing.text_token_bound(json.dumps(req.passthrough())) if req.passthrough() else 0
     fixed = int((bound * _rate(price.max_input_rate, m)).to_integral_value(rounding="ROUND_CEILING"))
     per_token = pricing.ucr_per_token(price.output, m.markup, m.credit_usd) * req.n

@@ -18,7 +18,7 @@ from rq import Queue
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import scoped_session
 
-from broker import db, embedded_redis
+from broker import db, embedded_redis, moderation
 from broker.billing import Catalogue, stripe_checkout
 from broker.chat import Metering
 from broker.ledger import Ledger
@@ -102,6 +102,19 @@ def build_providers(config: dict) -> dict[str, ChatProvider]:
     return providers
 
 
+def build_moderation(config: dict) -> moderation.Check:
+    terms = [t.strip() for t in str(config["BLOCKLIST"]).split(",") if t.strip()]
+    if config["BLOCKLIST_FILE"]:
+        terms += [line.strip() for line in Path(config["BLOCKLIST_FILE"]).read_text().splitlines() if line.strip()]
+    checks = [moderation.blocklist(terms)]
+    if config["MODERATION"] == "openai":
+        timeout = (config["UPSTREAM_CONNECT_TIMEOUT"], 10.0)
+        checks.append(
+            moderation.openai_moderation(config["OPENAI_BASE_URL"], config["OPENAI_API_KEY"], make_session(1), timeout)
+        )
+    return moderation.combine(checks)
+
+
 def build_media_providers(config: dict) -> tuple[dict, dict, dict]:
     """Speech, image and music adapters for the providers that have keys, plus demo."""
     timeout = (config["UPSTREAM_CONNECT_TIMEOUT"], config["UPSTREAM_READ_TIMEOUT"])
@@ -123,7 +136,9 @@ def build_media_providers(config: dict) -> tuple[dict, dict, dict]:
     return speech, images, music
 
 
-def build_media(config: dict, ledger: Ledger, prices: PriceTable, client: redis.Redis, queue_redis) -> MediaContext:
+def build_media(
+    config: dict, ledger: Ledger, prices: PriceTable, client: redis.Redis, queue_redis, moderate: moderation.Check
+) -> MediaContext:
     speech, images, music = build_media_providers(config)
     return MediaContext(
         ledger=ledger,
@@ -142,6 +157,7 @@ def build_media(config: dict, ledger: Ledger, prices: PriceTable, client: redis.
         retry_intervals=[int(x) for x in str(config["JOB_RETRY_INTERVALS"]).split(",") if x.strip()],
         music_poll_seconds=config["MUSIC_POLL_SECONDS"],
         music_max_wait=config["MUSIC_MAX_WAIT_SECONDS"],
+        moderate=moderate,
     )
 
 
@@ -196,9 +212,10 @@ def init_app(app: Flask) -> Services:
     ledger = Ledger(client, hold_ttl=config["HOLD_TTL_SECONDS"])
     prices = PriceTable.load(config["PRICES_FILE"])
     providers = build_providers(config)
-    metering = Metering(ledger, prices, providers, config["MARKUP"], config["CREDIT_USD"])
+    moderate = build_moderation(config)
+    metering = Metering(ledger, prices, providers, config["MARKUP"], config["CREDIT_USD"], moderate)
     queue_redis = redis.Redis.from_url(url)
-    media = build_media(config, ledger, prices, client, queue_redis)
+    media = build_media(config, ledger, prices, client, queue_redis, moderate)
     services = Services(
         redis_url=url,
         redis=client,

@@ -16,6 +16,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -74,6 +75,7 @@ class MediaContext:
     retry_intervals: list[int]
     music_poll_seconds: float
     music_max_wait: int
+    moderate: Callable[[str, str], None] = lambda text, what: None
 
     def charge(self, cost_usd: Decimal) -> int:
         return pricing.charge_ucr(cost_usd, self.markup, self.credit_usd)
@@ -146,6 +148,10 @@ def submit(
     if caller.marketplace:
         raise Forbidden("Media jobs are not part of the marketplace listing.", code="not_in_marketplace_plan")
     price = _resolve(ctx, job_type, req.model)
+    if job_type == "image":
+        ctx.moderate(req.prompt, "prompt")
+    elif job_type == "music":
+        ctx.moderate("\n".join(t for t in (req.prompt, req.lyrics, req.style, req.title) if t), "prompt")
     bound = {
         "tts": lambda: _speech_bound_usd(ctx, price, req),
         "image": lambda: _image_bound_usd(price, req),

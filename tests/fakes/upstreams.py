@@ -1443,6 +1443,49 @@ def _suno(
     return _suno_poll(fake, environ, start_response)
 
 
+# --------------------------------------------------------------------------- OpenAI moderations
+
+FLAG_WORD = "FLAG_ME"  # any input containing it is flagged (harassment), everything else passes
+
+
+def _moderations(
+    fake: FakeUpstream, environ: WSGIEnvironment, start_response: StartResponse, data: Any
+) -> Iterable[bytes]:
+    """``POST /v1/moderations`` (§3): one result per input; does not consume queued replies."""
+    inputs = data.get("input") if isinstance(data, dict) else None
+    if inputs is None:
+        return _respond(
+            start_response,
+            400,
+            [],
+            _dumps(
+                {
+                    "error": {
+                        "message": "input is required",
+                        "type": "invalid_request_error",
+                        "param": "input",
+                        "code": None,
+                    }
+                }
+            ),
+        )
+    items = inputs if isinstance(inputs, list) else [inputs]
+    results = []
+    for item in items:
+        text = item if isinstance(item, str) else json.dumps(item)
+        flagged = FLAG_WORD in text
+        results.append(
+            {
+                "flagged": flagged,
+                "categories": {"harassment": flagged, "violence": False},
+                "category_scores": {"harassment": 0.99 if flagged else 0.001, "violence": 0.001},
+                "category_applied_input_types": {"harassment": ["text"], "violence": ["text"]},
+            }
+        )
+    body = {"id": "modr-" + _new_id(), "model": data.get("model") or "omni-moderation-latest", "results": results}
+    return _respond(start_response, 200, [("Content-Type", "application/json")], _dumps(body))
+
+
 # --------------------------------------------------------------------------- WSGI app
 
 
@@ -1461,6 +1504,8 @@ def make_wsgi_app(fake: FakeUpstream) -> WSGIApplication:
             provider, handler = "elevenlabs", _elevenlabs
         elif path.startswith(("/api/v1/", "/files/")):
             provider, handler = "suno", _suno
+        elif path == "/v1/moderations":
+            provider, handler = "openai_moderation", _moderations
         else:
             provider, handler = "openai", _openai
         raw = _read_body(environ)
