@@ -97,6 +97,8 @@ def load(overrides: dict | None = None) -> dict:
         # The demo provider is on when no provider key is set, or when DEMO_PROVIDER=1.
         "DEMO_PROVIDER": env("DEMO_PROVIDER", ""),
         "LOG_LEVEL": env("LOG_LEVEL", "INFO"),
+        # Proxies in front of the app that set X-Forwarded-For/-Proto/-Host (per-IP limits need it).
+        "PROXY_HOPS": int(env("PROXY_HOPS", "0")),
         "SENTRY_DSN": env("SENTRY_DSN", ""),
         # Comma-separated words or phrases refused in prompts (BLOCKLIST_FILE: one a line).
         "BLOCKLIST": env("BLOCKLIST", ""),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 import config as broker_config
 from broker import extensions, migrations, observability
@@ -29,6 +30,9 @@ def create_app(overrides: dict | None = None) -> Flask:
         migrations.upgrade(settings["DATABASE_URL"])
     register_blueprints(app)
     register_commands(app)
+    if settings["PROXY_HOPS"]:
+        hops = settings["PROXY_HOPS"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     return app
 
 
