@@ -159,3 +159,21 @@ def test_security_headers(client):
     assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
     assert response.headers["Referrer-Policy"] == "strict-origin-when-cross-origin"
     assert response.headers["X-Frame-Options"] == "DENY"
+
+
+def test_a_key_can_be_tightened_from_the_dashboard(app, client, member):
+    tenant, token = member
+    hx = {"HX-Request": "true", "X-CSRFToken": token}
+    saved = client.post(f"/dashboard/keys/{tenant.key_id}/limits", data={"per_minute": "2"}, headers=hx)
+    assert saved.status_code == 200 and "2/min" in saved.get_data(as_text=True)
+    statuses = [client.get("/v1/balance", headers=tenant.headers).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    too_high = client.post(f"/dashboard/keys/{tenant.key_id}/limits", data={"per_minute": "999999"}, headers=hx)
+    assert too_high.status_code == 400
+    other = make_tenant()
+    assert (
+        client.post(f"/dashboard/keys/{other.key_id}/limits", data={"per_minute": "1"}, headers=hx).status_code == 404
+    )
+    assert (
+        client.post(f"/dashboard/keys/{tenant.key_id}/limits", data={"per_minute": "5"}).status_code == 400
+    )  # no CSRF

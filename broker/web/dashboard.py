@@ -118,6 +118,36 @@ def create_key():
     return render("dashboard/keys.html", "dashboard/_keys.html", keys=_keys(), created={"name": name, "key": plain})
 
 
+@bp.post("/keys/<int:key_id>/limits")
+def key_limits(key_id: int):
+    """Tighten one of your keys: fewer requests than the server allows, or a daily spend cap."""
+    svc = services()
+    session = svc.db()
+    row = session.get(ApiKey, key_id)
+    if row is None or row.account_id != _account_id():
+        abort(404)
+    defaults = current_app.config["DEFAULT_LIMITS"]
+    try:
+        per_minute = _bounded(request.form.get("per_minute"), defaults.per_minute)
+        per_day = _bounded(request.form.get("per_day"), defaults.per_day)
+        cap = request.form.get("credits_per_day", "").strip()
+        cap_ucr = pricing.credits_to_ucr(Decimal(cap)) if cap else None
+    except (ValueError, InvalidOperation):
+        response = make_response("Limits must be whole numbers within the server's limits; the cap in credits.", 400)
+        return response
+    keys.set_limits(session, svc.redis, key_id, per_minute, per_day, cap_ucr)
+    return render("dashboard/keys.html", "dashboard/_keys.html", keys=_keys(), created=None)
+
+
+def _bounded(raw: str | None, ceiling: int) -> int | None:
+    if not raw or not raw.strip():
+        return None
+    value = int(raw)
+    if not 1 <= value <= ceiling:
+        raise ValueError(raw)
+    return value
+
+
 @bp.delete("/keys/<int:key_id>")
 def revoke_key(key_id: int):
     svc = services()
