@@ -245,28 +245,27 @@ class Ledger:
     ) -> int:
         """Add credits exactly once per ``grant_id``: SQL entry first, then Redis.
 
+        Only the call whose SQL insert created the entry applies it in Redis, so a
+        replay changes nothing even after Redis lost its data (and the marker with it).
         If Redis fails after the SQL commit, ``reconcile --repair`` applies the grant.
         Returns the balance after.
         """
         if amount_ucr <= 0:
             raise ValueError("a grant must be positive")
-        entry_id = f"grant:{grant_id}"
-        self._insert_entries(
-            session,
-            [
-                {
-                    "entry_id": entry_id,
-                    "account_id": account_id,
-                    "kind": "grant",
-                    "total_delta": amount_ucr,
-                    "held_delta": 0,
-                    "hold_id": None,
-                    "reason": reason[:200],
-                    "created_at": datetime.now(UTC),
-                }
-            ],
-        )
+        row = {
+            "entry_id": f"grant:{grant_id}",
+            "account_id": account_id,
+            "kind": "grant",
+            "total_delta": amount_ucr,
+            "held_delta": 0,
+            "hold_id": None,
+            "reason": reason[:200],
+            "created_at": datetime.now(UTC),
+        }
+        created = _insert_one(session, LedgerEntry, row, "entry_id")
         session.commit()
+        if not created:
+            return self.balance(account_id)
         k = keys_of(account_id)
         _, balance = self._run(
             "grant",
@@ -275,12 +274,18 @@ class Ledger:
         )
         return int(balance)
 
-    def debit(self, account_id: int, amount_ucr: int, debit_id: str, reason: str) -> tuple[bool, int, int]:
+    def debit(
+        self, session: Session, account_id: int, amount_ucr: int, debit_id: str, reason: str
+    ) -> tuple[bool, int, int]:
         """Take back up to ``amount_ucr`` (never below zero), once per ``debit_id``.
 
         Returns (applied now, taken, balance after); a replay returns (False, what was
-        taken then, balance). The entry reaches SQL through the stream.
+        taken then, balance). A debit already copied to SQL is a replay even if Redis
+        has since lost its marker. The entry reaches SQL through the stream.
         """
+        done = session.scalar(select(LedgerEntry.total_delta).where(LedgerEntry.entry_id == f"debit:{debit_id}"))
+        if done is not None:
+            return False, -int(done), self.balance(account_id)
         k = keys_of(account_id)
 
         def build(pipe) -> None:
@@ -489,6 +494,13 @@ def _usage_row(account_id: int, receipt: dict, total_delta: int, created: dateti
     row["account_id"] = account_id
     row["charged_ucr"] = -total_delta
     return row
+
+
+def _insert_one(session: Session, model, row: dict, unique: str) -> bool:
+    """Insert one row unless its unique column exists; True when this call created it."""
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+    return session.execute(insert(model).values(**row).on_conflict_do_nothing(index_elements=[unique])).rowcount == 1
 
 
 def _insert_ignore(session: Session, model, rows: list[dict], unique: str) -> None:

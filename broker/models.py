@@ -137,7 +137,7 @@ class Job(Base):
     cost_ucr: Mapped[int | None] = mapped_column(BigInteger)
     progress: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    upstream_task_id: Mapped[str | None] = mapped_column(String(100))
+    upstream_task_id: Mapped[str | None] = mapped_column(String(255))
     error_type: Mapped[str | None] = mapped_column(String(60))
     error_message: Mapped[str | None] = mapped_column(Text)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

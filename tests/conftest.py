@@ -1,4 +1,10 @@
-"""Fixtures: a real Redis-compatible server, a migrated SQLite database per test, fake upstreams, live HTTP."""
+"""Fixtures: a real Redis-compatible server, a migrated SQLite database per test, fake upstreams, live HTTP.
+
+With ``TEST_DATABASE_URL`` (a PostgreSQL URL; ``.ci/run`` always sets it) the money tests
+(``MONEY_MODULES``) run twice, on SQLite and on PostgreSQL: their ``app`` fixture is
+parametrised through ``db_backend``, and each PostgreSQL test gets its own database
+copied from a template migrated once per session.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,9 @@ from decimal import Decimal
 
 import pytest
 import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 from werkzeug.serving import make_server
 
 from broker import ROOT, accounts, create_app, keys, migrations, pricing
@@ -33,6 +42,115 @@ PROVIDER_KEYS = {
 STRIPE_WEBHOOK_SECRET = "whsec_test_secret_0007"
 COINBASE_WEBHOOK_SECRET = "cb-test-secret-0008"
 RAPIDAPI_SECRET = "rapid-test-secret-0009"
+
+
+# -- database backends ----------------------------------------------------------
+
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
+# The tests of money: each of their tests that uses ``app`` runs on every backend in ``DB_BACKENDS``.
+MONEY_MODULES = frozenset(
+    ("test_chat_billing", "test_race", "test_ledger", "test_failures", "test_payments", "test_media_jobs")
+)
+DB_BACKENDS = ("sqlite", "postgresql") if TEST_DATABASE_URL else ("sqlite",)
+PG_PREFIX = "broker_t"  # every database the tests create: broker_t<pid>_<session>[_<n>]
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get("CI") and not TEST_DATABASE_URL:
+        raise pytest.UsageError(
+            "CI is set but TEST_DATABASE_URL is not: the PostgreSQL runs of the money tests would silently "
+            "disappear. .ci/run starts PostgreSQL and sets it; set it to postgresql+psycopg://USER:PW@HOST/DB."
+        )
+
+
+def pytest_report_header(config) -> str:
+    where = make_url(TEST_DATABASE_URL).render_as_string() if TEST_DATABASE_URL else "unset: SQLite only"
+    return f"database backends of the money tests: {', '.join(DB_BACKENDS)} (TEST_DATABASE_URL {where})"
+
+
+def pytest_generate_tests(metafunc) -> None:
+    """Run the money modules' tests that use ``app`` once per backend (ids end in ``sqlite`` / ``postgresql``)."""
+    if "db_backend" not in metafunc.fixturenames or len(DB_BACKENDS) < 2:
+        return
+    if metafunc.module.__name__.rpartition(".")[2] not in MONEY_MODULES:
+        return
+    if any("db_backend" in str(m.args[0]) for m in metafunc.definition.iter_markers("parametrize")):
+        return  # the test chose its backends itself
+    metafunc.parametrize("db_backend", DB_BACKENDS, indirect=True)
+
+
+@pytest.fixture
+def db_backend(request) -> str:
+    """``sqlite`` unless the test was parametrised (money modules with TEST_DATABASE_URL set)."""
+    return getattr(request, "param", "sqlite")
+
+
+class PostgresDatabases:
+    """Creates and drops the tests' PostgreSQL databases through one maintenance connection."""
+
+    def __init__(self, url: str) -> None:
+        self.url = make_url(url)
+        self.admin = create_engine(self.url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+        self.prefix = f"{PG_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        self.template = f"{self.prefix}_tpl"
+        self.count = 0
+
+    def url_of(self, name: str) -> str:
+        return self.url.set(database=name).render_as_string(hide_password=False)
+
+    def _sql(self, statement: str, **params) -> list:
+        with self.admin.connect() as connection:
+            result = connection.execute(text(statement), params)
+            return result.all() if result.returns_rows else []
+
+    def drop(self, name: str) -> None:
+        # FORCE ends connections a crashed or killed process left behind.
+        self._sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def drop_orphans(self) -> None:
+        """Drop databases of earlier test runs on this machine whose process is gone (killed runs)."""
+        for (name,) in self._sql("SELECT datname FROM pg_database WHERE datname LIKE :p", p=f"{PG_PREFIX}%"):
+            pid = name.removeprefix(PG_PREFIX).partition("_")[0]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                self.drop(name)
+
+    def create_template(self) -> None:
+        self.drop_orphans()
+        self._sql(f'CREATE DATABASE "{self.template}"')
+        migrations.upgrade(self.url_of(self.template))
+
+    def create(self) -> tuple[str, str]:
+        """A fresh, migrated database: (name, URL)."""
+        self.count += 1
+        name = f"{self.prefix}_{self.count}"
+        self._sql(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+        return name, self.url_of(name)
+
+    def close(self) -> None:
+        self.drop(self.template)
+        self.admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_databases():
+    """Needs TEST_DATABASE_URL; skips without it (outside CI: ``pytest_configure`` refuses CI without it)."""
+    if not TEST_DATABASE_URL:
+        pytest.skip("TEST_DATABASE_URL is not set (PostgreSQL)")
+    databases = PostgresDatabases(TEST_DATABASE_URL)
+    databases.create_template()
+    yield databases
+    databases.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_databases):
+    """A fresh migrated PostgreSQL database for one test; dropped afterwards (dispose engines first)."""
+    name, url = postgres_databases.create()
+    yield url
+    postgres_databases.drop(name)
+
+
+# -- services ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -95,12 +213,17 @@ def app_config(tmp_path, redis_url: str, upstream: FakeUpstream, db_url: str, st
 
 
 @pytest.fixture
-def app(tmp_path, redis_server, upstream, stripe_fake, migrated_db):
-    shutil.copy(migrated_db, tmp_path / "broker.db")
+def app(request, tmp_path, redis_server, upstream, stripe_fake, migrated_db, db_backend):
+    if db_backend == "postgresql":
+        # Its teardown (DROP DATABASE) runs after this fixture's, which disposes the engine.
+        db_url = request.getfixturevalue("postgres_url")
+    else:
+        shutil.copy(migrated_db, tmp_path / "broker.db")
+        db_url = f"sqlite:///{tmp_path / 'broker.db'}"
     redis.Redis(port=redis_server.port).flushall()
     upstream.reset()
     stripe_fake.reset()
-    config = app_config(tmp_path, redis_server.url, upstream, f"sqlite:///{tmp_path / 'broker.db'}", stripe_fake.url)
+    config = app_config(tmp_path, redis_server.url, upstream, db_url, stripe_fake.url)
     app = create_app(config)
     app.config["BROKER_TEST_CONFIG"] = config
     # No app context stays pushed: each test request gets its own, as in production

@@ -84,8 +84,9 @@ def test_hold_without_max_tokens_is_capped_by_what_the_balance_affords(app):
 def test_debit_never_goes_below_zero_and_is_applied_once(app):
     ledger = app.extensions["broker"].ledger
     tenant = make_tenant("0.5")
-    assert ledger.debit(tenant.account_id, 2_000_000, "refund-1", "refund") == (True, 500_000, 0)
-    assert ledger.debit(tenant.account_id, 2_000_000, "refund-1", "refund") == (False, 500_000, 0)
+    session = app.extensions["broker"].db()
+    assert ledger.debit(session, tenant.account_id, 2_000_000, "refund-1", "refund") == (True, 500_000, 0)
+    assert ledger.debit(session, tenant.account_id, 2_000_000, "refund-1", "refund") == (False, 500_000, 0)
     assert_invariant(app)
 
 
@@ -133,4 +134,25 @@ def test_flushall_is_repaired_from_sql_by_reconcile(app, client, runner, upstrea
         headers=tenants[1].headers,
     )
     assert again.status_code == 200
+    assert_invariant(app)
+
+
+def test_replayed_grant_and_debit_change_nothing_after_redis_lost_its_data(app, runner):
+    svc = app.extensions["broker"]
+    tenant = make_tenant("0")
+    session = svc.db()
+    svc.ledger.grant(session, tenant.account_id, 5_000_000, "purchase-1", "a purchase")
+    svc.ledger.debit(session, tenant.account_id, 1_000_000, "refund-1", "a refund")
+    svc.ledger.drain(session, [tenant.account_id])
+    svc.redis.flushall()
+    assert runner.invoke(args=["broker", "reconcile", "--repair"]).exit_code == 0
+    assert svc.ledger.balance(tenant.account_id) == 4_000_000
+    # Payment providers retry: neither the grant nor the refund may apply twice.
+    svc.ledger.grant(session, tenant.account_id, 5_000_000, "purchase-1", "a purchase")
+    assert svc.ledger.debit(session, tenant.account_id, 1_000_000, "refund-1", "a refund") == (
+        False,
+        1_000_000,
+        4_000_000,
+    )
+    assert svc.ledger.balance(tenant.account_id) == 4_000_000
     assert_invariant(app)

@@ -212,7 +212,8 @@ def test_refund_of_spent_credits_never_goes_below_zero(app, client, stripe_fake,
 
     tenant = make_tenant("0")
     session = _paid_purchase(app, client, tenant, stripe_fake, pack="usd5")
-    app.extensions["broker"].ledger.debit(tenant.account_id, 400_000_000, "spend-sim", "spent on calls")
+    svc = app.extensions["broker"]
+    svc.ledger.debit(svc.db(), tenant.account_id, 400_000_000, "spend-sim", "spent on calls")
     charge, previous = stripe_fake.refund(session["id"])
     send(client, stripe_fake.event("charge.refunded", charge, previous))
     assert balance(app, tenant) == 0

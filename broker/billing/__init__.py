@@ -148,7 +148,9 @@ def take_back(session: Session, ledger: Ledger, purchase: Purchase, refunded_cen
     wanted = purchase.credits_ucr * new_cents // purchase.amount_cents
     if refunded_cents == purchase.amount_cents:
         wanted = purchase.credits_ucr - purchase.refunded_ucr - purchase.shortfall_ucr
-    applied, taken, _ = ledger.debit(purchase.account_id, wanted, refund_id, f"refund of purchase {purchase.id}")
+    applied, taken, _ = ledger.debit(
+        session, purchase.account_id, wanted, refund_id, f"refund of purchase {purchase.id}"
+    )
     changed = session.execute(
         update(Purchase)
         .where(Purchase.id == purchase.id, Purchase.refunded_cents == purchase.refunded_cents)
