@@ -500,7 +500,8 @@ def _insert_one(session: Session, model, row: dict, unique: str) -> bool:
     """Insert one row unless its unique column exists; True when this call created it."""
     dialect = session.get_bind().dialect.name
     insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
-    return session.execute(insert(model).values(**row).on_conflict_do_nothing(index_elements=[unique])).rowcount == 1
+    statement = insert(model).values(**row).on_conflict_do_nothing(index_elements=[unique]).returning(model.id)
+    return session.execute(statement).first() is not None
 
 
 def _insert_ignore(session: Session, model, rows: list[dict], unique: str) -> None:
