@@ -119,7 +119,8 @@ class Ledger:
         return results
 
     def _evalsha(self, pipe, name: str, keys: list[str], args: list) -> None:
-        pipe.evalsha(self._shas[name], len(keys), *keys, *args)
+        # ``execute_command``: redis-py's ClusterPipeline blocks its ``evalsha`` method, not the command.
+        pipe.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
 
     def _run(self, name: str, keys: list[str], args: list) -> list:
         return self._pipeline_run(lambda p: self._evalsha(p, name, keys, args))[0]
@@ -149,7 +150,7 @@ class Ledger:
             self._evalsha(
                 pipe,
                 "hold",
-                [k["bal"], k["held"], k["holds"], k["log"]],
+                [k["bal"], k["held"], k["holds"], k["log"], f"{k['tag']}:end:{hold_id}"],
                 [
                     hold_id,
                     fixed_ucr,
@@ -159,7 +160,7 @@ class Ledger:
                     _now_ms(),
                 ],
             )
-            pipe.zadd(EXPIRY, {f"{account_id}|{hold_id}": deadline})
+            pipe.zadd(EXPIRY, {f"{account_id}|{hold_id}": deadline}, nx=True)
             pipe.sadd(DIRTY, account_id)
 
         ok, balance, amount, tokens = self._pipeline_run(build)[0]
@@ -411,11 +412,18 @@ class Ledger:
             select(func.coalesce(func.sum(LedgerEntry.total_delta), 0)).where(LedgerEntry.account_id == account_id)
         )
         held = session.execute(
-            select(LedgerEntry.hold_id, func.sum(LedgerEntry.held_delta))
-            .where(LedgerEntry.account_id == account_id, LedgerEntry.hold_id.is_not(None))
-            .group_by(LedgerEntry.hold_id)
+            select(LedgerEntry.hold_id, LedgerEntry.kind, LedgerEntry.held_delta).where(
+                LedgerEntry.account_id == account_id, LedgerEntry.hold_id.is_not(None)
+            )
         )
-        open_holds = {hold_id: int(amount) for hold_id, amount in held if amount}
+        opened: dict[str, int] = {}
+        closed: set[str] = set()
+        for hold_id, kind, delta in held:
+            if kind == "hold":
+                opened[hold_id] = opened.get(hold_id, 0) + int(delta)
+            else:
+                closed.add(hold_id)
+        open_holds = {hold_id: amount for hold_id, amount in opened.items() if hold_id not in closed}
         return int(total), open_holds
 
     def _check(self, session: Session, account_id: int) -> list[Mismatch]:

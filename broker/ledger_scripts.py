@@ -23,7 +23,7 @@ end
 local function bad(what) return redis.error_reply('ERR ledger: bad argument ' .. what) end
 """
 
-# KEYS: bal, held, holds, log
+# KEYS: bal, held, holds, log, end_marker (a hold id that has ended is not reused)
 # ARGV: hold_id, fixed_ucr, ucr_per_output_token, requested_max_tokens (0 = none),
 #       model_cap_tokens, ts
 # Returns {1, balance_after, amount, max_tokens} or {0, balance, 0, affordable_tokens}.
@@ -35,7 +35,9 @@ if not hid then return bad('hold_id') end
 if not fixed or not out or not req then return bad('amounts') end
 if not cap or cap < 1 then return bad('model_cap') end
 if not int(ARGV[6]) then return bad('ts') end
-if redis.call('HEXISTS', KEYS[3], hid) == 1 then return bad('hold_id (duplicate)') end
+if redis.call('HEXISTS', KEYS[3], hid) == 1 or redis.call('EXISTS', KEYS[5]) == 1 then
+  return bad('hold_id (duplicate)')
+end
 local bal = tonumber(redis.call('GET', KEYS[1]) or '0')
 local affordable = 0
 if bal >= fixed then

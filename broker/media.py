@@ -246,7 +246,10 @@ def list_jobs(
     """Newest first; ``before`` is the last job id of the previous page."""
     query = select(Job).where(Job.account_id == account_id)
     if before:
-        anchor = get_job(session, account_id, before)
+        try:
+            anchor = get_job(session, account_id, before)
+        except NotFound:
+            raise InvalidRequest(f"Unknown cursor '{before}'.", param="cursor") from None
         query = query.where(
             (Job.created_at < anchor.created_at) | ((Job.created_at == anchor.created_at) & (Job.id < anchor.id))
         )

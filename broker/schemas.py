@@ -152,10 +152,17 @@ class UsageQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     limit: int = Field(default=20, ge=1, le=100)
-    cursor: int | None = Field(default=None, ge=1, description="next_cursor of the previous page")
+    cursor: int | None = Field(default=None, ge=1, le=2**63 - 1, description="next_cursor of the previous page")
     from_: datetime | None = Field(default=None, alias="from", description="ISO 8601; requests started at or after")
     to: datetime | None = Field(default=None, description="ISO 8601; requests started before")
     model: str | None = Field(default=None, max_length=200)
+
+    @field_validator("from_", "to", mode="before")
+    @classmethod
+    def _iso(cls, value):
+        if isinstance(value, str):
+            return datetime.fromisoformat(value)
+        return value
 
 
 class JobsQuery(BaseModel):

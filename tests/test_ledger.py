@@ -44,7 +44,7 @@ def test_script_fed_bad_arguments_changes_no_key(app, script, args):
     svc.ledger.hold(tenant.account_id, "h1", 100, 10, 5, 10)
     k = keys_of(tenant.account_id)
     keys_for = {
-        "HOLD": [k["bal"], k["held"], k["holds"], k["log"]],
+        "HOLD": [k["bal"], k["held"], k["holds"], k["log"], k["tag"] + ":end:h1"],
         "END": [k["bal"], k["held"], k["holds"], k["log"], k["tag"] + ":end:h1"],
         "GRANT": [k["bal"], k["tag"] + ":grant:g1"],
         "DEBIT": [k["bal"], k["log"], k["tag"] + ":debit:d1"],

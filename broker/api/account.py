@@ -84,7 +84,7 @@ def usage_list():
     description="`request_id` is the `X-Request-Id` of the request (a media job's `request_id`).",
     tag="Account",
     response=Receipt,
-    errors=("401", "404", "503"),
+    errors=("401", "404", "429", "503"),
 )
 def receipt(request_id: str):
     svc = services()

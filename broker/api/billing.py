@@ -48,7 +48,7 @@ def create_checkout():
 
 
 @bp.get("/purchases")
-@operation(summary="Your purchases, newest first", tag="Billing", response=PurchaseList, errors=("401", "503"))
+@operation(summary="Your purchases, newest first", tag="Billing", response=PurchaseList, errors=("401", "429", "503"))
 def list_purchases():
     rows = billing.purchases_of(services().db(), g.caller.account_id)
     return jsonify({"object": "list", "data": [billing.purchase_json(p) for p in rows]})

@@ -65,4 +65,7 @@ def register_error_handlers(app: Flask) -> None:
         body = BrokerError(error.description or error.name, code=error.name.lower().replace(" ", "_"))
         body.status = error.code or 500
         body.type = HTTP_TYPES.get(body.status, "invalid_request_error")
-        return error_response(body)
+        response = error_response(body)
+        if getattr(error, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(error.valid_methods)
+        return response

@@ -106,7 +106,7 @@ def submit_music() -> Response:
 
 
 @bp.get("/jobs/<job_id>")
-@operation(summary="A job: status, cost and results", tag="Media", response=JobOut, errors=("401", "404", "503"))
+@operation(summary="A job: status, cost and results", tag="Media", response=JobOut, errors=("401", "404", "429", "503"))
 def get_job(job_id: str) -> Response:
     job = media.get_job(services().db(), g.caller.account_id, job_id)
     headers = {}
@@ -120,8 +120,8 @@ def get_job(job_id: str) -> Response:
     summary="Download a result of a job",
     tag="Media",
     query=ContentQuery,
-    content_type="application/octet-stream",
-    errors=("400", "401", "404", "503"),
+    content_type="*/*",
+    errors=("400", "401", "404", "429", "503"),
 )
 def job_content(job_id: str) -> Response:
     svc = services()
@@ -150,7 +150,7 @@ def list_jobs() -> Response:
 
 
 @bp.delete("/jobs/<job_id>")
-@operation(summary="Cancel a queued job", tag="Media", response=JobOut, errors=("401", "404", "409", "503"))
+@operation(summary="Cancel a queued job", tag="Media", response=JobOut, errors=("401", "404", "409", "429", "503"))
 def cancel_job(job_id: str) -> Response:
     svc = services()
     job = media.cancel(svc.media, svc.db(), g.caller.account_id, job_id)

@@ -19,7 +19,7 @@ from broker.ledger import Ledger
 
 def verify(body: bytes, signature: str | None, secret: str) -> None:
     """``X-CC-Webhook-Signature`` is the hex HMAC-SHA256 of the raw body; compared in constant time."""
-    if not secret or not signature:
+    if not secret or not signature or not signature.isascii():
         raise InvalidRequest("Missing or unverifiable webhook signature.", code="bad_signature")
     expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, signature.strip()):

@@ -26,6 +26,8 @@ def stripe_webhook():
     if not secret or svc.stripe is None:
         raise ServiceUnavailable("Stripe is not configured on this server.", code="payments_unavailable")
     payload = request.get_data()
+    if not request.headers.get("Stripe-Signature", "").isascii():
+        raise InvalidRequest("Webhook signature does not verify.", code="bad_signature")
     try:
         event = stripe.Webhook.construct_event(
             payload, request.headers.get("Stripe-Signature", ""), secret, tolerance=TOLERANCE_SECONDS
