@@ -1,6 +1,18 @@
 """Gunicorn settings for the broker: ``gunicorn -c gunicorn.conf.py app:app``.
 
-Worker class: PROVISIONAL (figures filled in from bench/overhead.py).
+Worker class: gevent, chosen with ``bench/overhead.py`` (2 CPUs shared by broker, fake upstream,
+Redis and wrk; 2 workers, gthread with 32 threads; outside load <= 1 % but gthread at 128: 8 %):
+- fast upstream: gevent served 519 / 480 non-stream req/s at 32 / 128 connections for 3.08 / 3.34 ms
+  of broker CPU per request; gthread 397 / 360 req/s for 3.54 / 3.97 ms, and it left 7-13 % of the
+  CPUs idle (GIL hand-offs between threads). Streams at 128 connections: 443/s vs 299/s. gevent's
+  p99 at 128 connections is worse (one worker accepts more connections than the other).
+- upstream answering in 1 s, as real providers do: gthread tops out at workers x threads calls in
+  flight, 56 req/s at 128 and 256 connections with p50 2.0 s and 4.0 s (queued); gevent served 103
+  and 189 req/s with p50 1.1 s and 1.2 s. A stream holds its slot for its whole life, so in
+  production this cap matters more than CPU.
+Streaming relays each event as it arrives under gevent (HTTP and HTTPS upstreams checked); the
+gevent worker monkey-patches before it imports the app, so Redis and requests cooperate.
+Workers: one per CPU measured best with gevent (2, 3, 4 workers: 506, 443, 358 req/s at 32 conn.).
 """
 
 from __future__ import annotations
@@ -13,27 +25,38 @@ def _int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may use (containers, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 bind = f"0.0.0.0:{_int('PORT', 8000)}"
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
-workers = _int("WEB_CONCURRENCY", os.cpu_count() or 1)
-# gthread only: threads per worker, i.e. requests (a stream holds one for its whole life) in flight.
-threads = _int("GUNICORN_THREADS", 32)
-# gevent only: open client connections per worker.
+workers = _int("WEB_CONCURRENCY", _cpus())
+# gevent: open client connections per worker. Each holds at most one Redis connection at a time,
+# so this stays under the Redis client pool limit (max_connections 256, broker/extensions.py).
 worker_connections = _int("GUNICORN_WORKER_CONNECTIONS", 250)
-# The app must be imported after the gevent worker has monkey-patched (in each worker).
+# gthread only: threads per worker = requests in flight per worker (a stream holds one throughout).
+threads = _int("GUNICORN_THREADS", 32)
+# The gevent worker must monkey-patch before the app is imported, so never preload it in the master.
 preload_app = False
 
-# Streams may last as long as the upstream read timeout (UPSTREAM_READ_TIMEOUT, 120 s).
+# Streams last as long as the upstream takes (UPSTREAM_READ_TIMEOUT, 120 s by default); async and
+# threaded workers heartbeat from their own loop, so this only catches a worker stuck on the CPU.
 timeout = _int("GUNICORN_TIMEOUT", 180)
+# On restart or SIGTERM, let streams in flight finish (up to the upstream read timeout) first.
 graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 130)
 keepalive = _int("GUNICORN_KEEPALIVE", 5)
 
-accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None
+accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None  # off unless set ("-" for stdout)
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
+# Proxies whose X-Forwarded-* headers are trusted (scheme, client address); "*" behind a private LB.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
 
-# gunicorn's control socket defaults to one per-user path that two instances would share.
+# gunicorn's control socket defaults to one per-user path that every instance on a host would share.
 if os.environ.get("GUNICORN_CONTROL_SOCKET"):
     control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]
 else:

@@ -353,6 +353,47 @@ def start_py_spy(directory: Path, pid: int, mode: str, duration: float) -> subpr
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+# Frames whose inclusive share of the broker's samples --profile reports: (label, function, file).
+PROFILE_FRAMES = (
+    ("in Flask (Flask.wsgi_app)", "Flask.wsgi_app", "flask/app.py"),
+    ("  auth: broker.api.authenticate (Redis GET)", "authenticate", "broker/api/__init__.py"),
+    ("  body: broker.api.parse (JSON + pydantic)", "parse", "broker/api/__init__.py"),
+    ("  broker.chat.start", "start", "broker/chat.py"),
+    ("    Ledger.hold (1 Redis round trip)", "Ledger.hold", "broker/ledger.py"),
+    ("    OpenAIProvider.complete", "OpenAIProvider.complete", "broker/providers/openai.py"),
+    ("    _start_stream (until the first event)", "_start_stream", "broker/chat.py"),
+    ("stream body: broker.chat._relay", "_relay", "broker/chat.py"),
+    ("chat._settle -> Ledger.end_hold (1 round trip)", "_settle", "broker/chat.py"),
+    ("requests: Session.request (all)", "Session.request", "requests/sessions.py"),
+    ("  Session.merge_environment_settings (env)", "Session.merge_environment_settings", "requests/sessions.py"),
+    ("  get_netrc_auth (~/.netrc lookups)", "get_netrc_auth", "requests/utils.py"),
+    ("  urllib3 create_connection (new TCP conn.)", "create_connection", "urllib3/util/connection.py"),
+    ("  urllib3 HTTPConnection.close", "HTTPConnection.close", "urllib3/connection.py"),
+    ("  gevent thread pool (DNS for new connections)", "_WorkerGreenlet.run", "gevent/threadpool.py"),
+    ("redis-py, all commands", "", "redis/"),
+    ("gunicorn writing the response", "Response.write", "gunicorn/http/wsgi.py"),
+)
+
+
+def profile_summary(path: Path, cpu_ms: float) -> str:
+    """Inclusive share of the broker's CPU samples spent in each of PROFILE_FRAMES."""
+    stacks: list[tuple[list[str], int]] = []
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f for f in stack.split(";") if not f.startswith("process ")]
+        stacks.append((frames, int(count)))
+    total = sum(n for _, n in stacks) or 1
+    lines = [f"py-spy, {path.name}: {total} samples; broker CPU {cpu_ms:.2f} ms/request"]
+    for label, func, file in PROFILE_FRAMES:
+        hits = sum(
+            n
+            for frames, n in stacks
+            if any(f.startswith(f"{func} (") and file in f if func else f"({file}" in f for f in frames)
+        )
+        lines.append(f"  {label:<50} {100 * hits / total:5.1f} %  {cpu_ms * hits / total:5.2f} ms")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -465,7 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("wrk is missing; install it (Debian/Ubuntu, as root) with:  apt-get update && apt-get install -y wrk")
         return 2
+    # Ctrl-C, kill and a closed terminal all clean up (SIGINT too when started with it ignored, as by `&`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     sys.path.insert(0, str(ROOT))
     services: list[Service] = []
     redis_server: Any = None
@@ -498,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
                     "REDIS_URL": redis_server.url,
                     "OPENAI_BASE_URL": f"http://127.0.0.1:{fake.port}/v1",
                     "OPENAI_API_KEY": "sk-bench-anything",
+                    # Per-key request limits would cut the load short: far above anything measured here.
+                    "RATE_LIMIT_PER_MINUTE": "1000000000",
+                    "RATE_LIMIT_PER_DAY": "1000000000",
                 }
                 if args.workers:
                     env["WEB_CONCURRENCY"] = str(args.workers)
@@ -616,6 +663,12 @@ def run_phases(
     print()
     print_table(results)
     ok = check_targets(results)
+    if args.profile:
+        for r in results:
+            spied = args.profile / f"broker-{r.mode}.txt"
+            if r.target == "broker" and r.concurrency == 32 and spied.exists():
+                print()
+                print(profile_summary(spied, r.cpu_ms["broker"]))
     print()
     print(health(broker, redis_server.url, account_id))
     if args.hold:

@@ -285,6 +285,7 @@ def run_stream(
         for event in translate(iter_sse(response)):
             started = True
             yield event
+        _finish_body(response)
     except UpstreamError as exc:
         broken = isinstance(exc, UpstreamStreamBroken)
         if started and not broken:
@@ -298,6 +299,16 @@ def run_stream(
         raise transport_error(provider, exc) from None
     finally:
         response.close()
+
+
+def _finish_body(response: requests.Response) -> None:
+    """Read what follows the stream's last event (the chunked terminator), so the connection
+    goes back to the pool instead of being closed: a new TLS handshake per stream otherwise."""
+    try:
+        for _ in response.iter_content(8192):
+            pass
+    except READ_FAILURES:
+        pass
 
 
 def ended_early(provider: str) -> UpstreamStreamBroken:
