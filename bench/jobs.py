@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,10 @@ import redis
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from broker.embedded_redis import free_port  # noqa: E402
+
 VENV_BIN = Path(sys.executable).parent
 MODEL = "elevenlabs/eleven_flash_v2_5"
 VOICE_ID = "JBFqnCBsd6RMkjVDRZzb"
@@ -50,12 +53,6 @@ def _terminate(signum: int, _frame: object) -> NoReturn:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

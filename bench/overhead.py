@@ -10,7 +10,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,10 @@ from typing import Any, NoReturn
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from broker.embedded_redis import free_port  # noqa: E402
+
 VENV_BIN = Path(sys.executable).parent
 MODEL = "openai/gpt-4o-mini"
 UPSTREAM_MODEL = "gpt-4o-mini"
@@ -95,12 +98,6 @@ def _terminate(signum: int, _frame: object) -> NoReturn:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from flask import Response, g, jsonify, request, url_for
 
@@ -57,50 +58,35 @@ def _submit(job_type: str, model) -> Response:
     return _job_response(job, 202, headers)
 
 
+def _submit_operation(summary: str, body) -> Callable:
+    """The OpenAPI description shared by the three submit routes."""
+    return operation(
+        summary=summary,
+        description="Answers `202` with the queued job and `Location`; with `Prefer: wait=N` (N ≤ 30) a job "
+        "finished within N seconds comes back as `200`.",
+        tag="Media",
+        body=body,
+        response=JobOut,
+        status=202,
+        errors=("400", "401", "402", "404", "413", "429", "503"),
+        headers={"Location": "The job's URL", "X-Credits-Held": "Credits held for the job"},
+    )
+
+
 @bp.post("/tts")
-@operation(
-    summary="Submit a text-to-speech job",
-    description="Answers `202` with the queued job and `Location`; with `Prefer: wait=N` (N ≤ 30) a job finished "
-    "within N seconds comes back as `200`.",
-    tag="Media",
-    body=SpeechRequest,
-    response=JobOut,
-    status=202,
-    errors=("400", "401", "402", "404", "413", "429", "503"),
-    headers={"Location": "The job's URL", "X-Credits-Held": "Credits held for the job"},
-)
+@_submit_operation("Submit a text-to-speech job", SpeechRequest)
 def submit_tts() -> Response:
     return _submit("tts", SpeechRequest)
 
 
 @bp.post("/image")
-@operation(
-    summary="Submit an image generation job",
-    description="Answers `202` with the queued job and `Location`; with `Prefer: wait=N` (N ≤ 30) a job finished "
-    "within N seconds comes back as `200`.",
-    tag="Media",
-    body=ImageRequest,
-    response=JobOut,
-    status=202,
-    errors=("400", "401", "402", "404", "413", "429", "503"),
-    headers={"Location": "The job's URL", "X-Credits-Held": "Credits held for the job"},
-)
+@_submit_operation("Submit an image generation job", ImageRequest)
 def submit_image() -> Response:
     return _submit("image", ImageRequest)
 
 
 @bp.post("/music")
-@operation(
-    summary="Submit a music generation job (unofficial Suno-style API)",
-    description="Answers `202` with the queued job and `Location`; with `Prefer: wait=N` (N ≤ 30) a job finished "
-    "within N seconds comes back as `200`.",
-    tag="Media",
-    body=MusicRequest,
-    response=JobOut,
-    status=202,
-    errors=("400", "401", "402", "404", "413", "429", "503"),
-    headers={"Location": "The job's URL", "X-Credits-Held": "Credits held for the job"},
-)
+@_submit_operation("Submit a music generation job (unofficial Suno-style API)", MusicRequest)
 def submit_music() -> Response:
     return _submit("music", MusicRequest)
 
