@@ -148,7 +148,7 @@ def dev(host: str, port: int) -> None:
             f"demo-{uuid.uuid4().hex}",
             "dev demo credits",
         )
-    _, plain = keys.create_key(session, account, "dev demo key")
+    _, plain = keys.create_key(session, account, "dev demo key", source="dev")
     env = dict(os.environ, REDIS_URL=svc.redis_url)
     worker = subprocess.Popen([sys.executable, "worker.py"], env=env, cwd=str(_root()))
     click.echo(

@@ -82,6 +82,7 @@ def create_key(
     account: Account,
     name: str = "",
     expires_at: datetime | None = None,
+    source: str = "cli",
 ) -> tuple[ApiKey, str]:
     """Create and commit a key; returns the row and the plain key, which is never stored."""
     plain = generate()
@@ -91,6 +92,7 @@ def create_key(
         prefix=display_prefix(plain),
         key_hash=hash_key(plain),
         expires_at=expires_at,
+        source=source,
     )
     session.add(row)
     session.commit()

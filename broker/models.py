@@ -35,6 +35,12 @@ class Account(Base):
     password_hash: Mapped[str | None] = mapped_column(String(255))
     source: Mapped[str] = mapped_column(String(20), default="cli")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # None until the owner follows the emailed link; an unverified account cannot buy or make keys.
+    email_verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Bumped by "log out everywhere" and password changes: every older web session ends at once.
+    session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Had no password at the account-security release, when anyone could log into such accounts.
+    legacy_passwordless: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
 
 class ApiKey(Base):
@@ -47,6 +53,8 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(100), default="")
     prefix: Mapped[str] = mapped_column(String(32))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # Where it was made: web, cli, register, dev; None for keys made before sources were recorded.
+    source: Mapped[str | None] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -39,7 +39,7 @@ def register():
         account = accounts.create_account(session, email, source="register")
     except Conflict:
         return _answer(email, None, trial)
-    _, plain = keys.create_key(session, account, "registered")
+    _, plain = keys.create_key(session, account, "registered", source="register")
     if trial:
         svc.ledger.grant(session, account.id, trial, f"trial-{uuid.uuid4().hex}", "trial credits")
     return _answer(email, plain, trial)

@@ -114,7 +114,7 @@ def create_key():
     session = svc.db()
     name = request.form.get("name", "").strip()[:100]
     account = session.get(Account, _account_id())
-    _, plain = keys.create_key(session, account, name)
+    _, plain = keys.create_key(session, account, name, source="web")
     return render("dashboard/keys.html", "dashboard/_keys.html", keys=_keys(), created={"name": name, "key": plain})
 
 
