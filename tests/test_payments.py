@@ -358,3 +358,102 @@ def test_register_returns_a_key_once_and_the_same_shape_for_a_known_email(app, c
 def test_register_is_rate_limited_per_ip(client):
     statuses = [client.post("/v1/register", json={"email": f"u{i}@example.com"}).status_code for i in range(6)]
     assert statuses == [201] * 5 + [429]
+
+
+def post_coinbase(client, event: dict):
+    body = json.dumps(event).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "X-CC-Webhook-Signature": coinbase_signature(body, COINBASE_WEBHOOK_SECRET),
+    }
+    return client.post("/webhooks/coinbase", data=body, headers=headers)
+
+
+def yen_event(kind: str, code: str, metadata: dict) -> dict:
+    """A charge priced in yen: pricing, settlement and payment all say what was really paid."""
+    event = coinbase_event(kind, code, metadata, "1")
+    charge = event["event"]["data"]
+    charge["pricing"] = {
+        "local": {"amount": "1", "currency": "JPY"},
+        "settlement": {"amount": "0.0064", "currency": "USDC"},
+    }
+    return event
+
+
+def test_coinbase_charge_of_one_yen_claiming_a_million_credits_grants_nothing(app, client, tenant, caplog):
+    start, granted = balance(app, tenant), grants(app, tenant)
+    metadata = {"account_id": str(tenant.account_id), "credits_ucr": str(1_000_000 * 1_000_000)}
+    with caplog.at_level("WARNING", logger="broker.billing.coinbase"):
+        response = post_coinbase(client, yen_event("charge:confirmed", "JPY00001", metadata))
+    assert response.status_code == 200
+    assert response.json["outcome"] == "refused: underpaid"
+    assert balance(app, tenant) == start and grants(app, tenant) == granted
+    refused = [r for r in caplog.records if r.getMessage() == "coinbase charge refused"]
+    assert refused and refused[0].reason == "underpaid" and refused[0].paid_usd == "0.0064"
+    purchases = billing.purchases_of(app.extensions["broker"].db(), tenant.account_id)
+    assert [(p.status, p.currency) for p in purchases] == [("failed", "jpy")]
+    # Coinbase retrying the same event changes nothing either.
+    assert post_coinbase(client, yen_event("charge:confirmed", "JPY00001", metadata)).json["outcome"] == (
+        "refused: underpaid"
+    )
+    assert balance(app, tenant) == start
+    assert_invariant(app)
+
+
+def test_coinbase_charge_in_an_unpriced_currency_is_refused(app, client, tenant):
+    start = balance(app, tenant)
+    event = coinbase_event("charge:confirmed", "EUR00001", {"account_id": str(tenant.account_id), "credits_ucr": "1"})
+    event["event"]["data"]["pricing"] = {"local": {"amount": "100", "currency": "EUR"}}
+    response = post_coinbase(client, event)
+    assert (response.status_code, response.json["outcome"]) == (200, "refused: unpriced currency")
+    assert balance(app, tenant) == start
+
+
+def test_coinbase_underpaid_usd_grants_nothing_not_even_a_part(app, client, tenant):
+    start, granted = balance(app, tenant), grants(app, tenant)
+    # $10.00 buys 1,000 credits at $0.01; the charge asks one micro-credit more than was paid for.
+    metadata = {"account_id": str(tenant.account_id), "credits_ucr": str(1_000_000_001)}
+    response = post_coinbase(client, coinbase_event("charge:confirmed", "USD00001", metadata, "10.00"))
+    assert (response.status_code, response.json["outcome"]) == (200, "refused: underpaid")
+    assert balance(app, tenant) == start and grants(app, tenant) == granted
+
+
+def test_coinbase_counts_only_confirmed_payments_in_dollars(app, client, tenant):
+    """The charge's price says $10, but the payments list shows $1 confirmed and $9 merely pending."""
+    start = balance(app, tenant)
+    metadata = {"account_id": str(tenant.account_id), "credits_ucr": str(1_000_000_000)}
+    event = coinbase_event("charge:confirmed", "PAY00001", metadata, "10.00")
+
+    def payment(status: str, usd: str) -> dict:
+        value = {"local": {"amount": usd, "currency": "USD"}, "crypto": {"amount": usd, "currency": "USDC"}}
+        return {"network": "base", "transaction_id": "0x01", "status": status, "value": value}
+
+    event["event"]["data"]["payments"] = [payment("confirmed", "1.00"), payment("pending", "9.00")]
+    assert post_coinbase(client, event).json["outcome"] == "refused: underpaid"
+    assert balance(app, tenant) == start
+    paid = coinbase_event("charge:confirmed", "PAY00001", metadata, "10.00")
+    paid["event"]["data"]["payments"] = [payment("CONFIRMED", "1.00"), payment("confirmed", "9.00")]
+    assert post_coinbase(client, paid).json["outcome"] == "paid"
+    assert balance(app, tenant) - start == 1_000_000_000
+
+
+def test_coinbase_paid_in_full_grants_exactly_the_ordered_micro_credits_once(app, client, tenant):
+    start, granted = balance(app, tenant), grants(app, tenant)
+    # $12.34 at $0.01 a credit is 1,234 credits exactly; asked to the micro-credit.
+    metadata = {"account_id": str(tenant.account_id), "credits_ucr": str(1_234_000_000)}
+    for index in range(3):
+        event = coinbase_event("charge:confirmed", "FULL0001", metadata, "12.34")
+        assert post_coinbase(client, event).json["outcome"] == "paid", index
+    assert balance(app, tenant) - start == 1_234_000_000
+    assert grants(app, tenant) == granted + 1
+    assert_invariant(app)
+
+
+def test_coinbase_event_that_is_not_an_object_is_a_400(client):
+    body = b"[1, 2]"
+    headers = {
+        "Content-Type": "application/json",
+        "X-CC-Webhook-Signature": coinbase_signature(body, COINBASE_WEBHOOK_SECRET),
+    }
+    response = client.post("/webhooks/coinbase", data=body, headers=headers)
+    assert response.status_code == 400 and response.json["error"]["code"] == "invalid_event"

@@ -50,7 +50,9 @@ def coinbase_webhook():
         body = json.loads(payload)
     except ValueError:
         raise InvalidRequest("The body is not JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("Not a Coinbase Commerce event.", code="invalid_event")
     svc = services()
-    outcome = coinbase.handle_event(svc.db(), svc.ledger, body)
+    outcome = coinbase.handle_event(svc.db(), svc.ledger, body, svc.catalogue.credit_usd)
     log.info("coinbase event", extra={"outcome": outcome})
     return jsonify({"received": True, "outcome": outcome})
