@@ -50,6 +50,10 @@ timeout = _int("GUNICORN_TIMEOUT", 180)
 graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 130)
 keepalive = _int("GUNICORN_KEEPALIVE", 5)
 
+# The longest request line gunicorn accepts (its maximum; the default is 4094). The app answers
+# URLs over 4 KB with a JSON 414 (broker/api/errors.py); beyond this gunicorn answers a plain 414.
+limit_request_line = 8190
+
 accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None  # off unless set ("-" for stdout)
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")

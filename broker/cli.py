@@ -215,14 +215,23 @@ def refund(purchase_id: int) -> None:
 
 @broker_cli.command("limit-key")
 @click.argument("key_id", type=int)
-@click.option("--per-minute", type=int, default=None, help="Requests a minute (default: RATE_LIMIT_PER_MINUTE).")
-@click.option("--per-day", type=int, default=None, help="Requests a day (default: RATE_LIMIT_PER_DAY).")
 @click.option(
-    "--credits-per-day", default=None, help="Spend cap in credits a day (default: SPEND_LIMIT_CREDITS_PER_DAY)."
+    "--per-minute", type=click.IntRange(min=1), default=None, help="Requests a minute (default: RATE_LIMIT_PER_MINUTE)."
+)
+@click.option(
+    "--per-day", type=click.IntRange(min=1), default=None, help="Requests a day (default: RATE_LIMIT_PER_DAY)."
+)
+@click.option(
+    "--credits-per-day",
+    default=None,
+    help=f"Credits a day, up to {pricing.MAX_SPEND_CAP_CREDITS:,} (default: SPEND_LIMIT_CREDITS_PER_DAY).",
 )
 def limit_key(key_id: int, per_minute: int | None, per_day: int | None, credits_per_day: str | None) -> None:
     """Override one API key's limits; options left out go back to the server defaults."""
-    cap = pricing.credits_to_ucr(Decimal(credits_per_day)) if credits_per_day is not None else None
+    try:
+        cap = pricing.spend_cap_ucr(credits_per_day) if credits_per_day is not None else None
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--credits-per-day") from None
     svc = services()
     try:
         keys.set_limits(svc.db(), svc.redis, key_id, per_minute, per_day, cap)

@@ -171,6 +171,26 @@ def credits_to_ucr(credits: Decimal) -> int:
     return int(ucr)
 
 
+MAX_SPEND_CAP_CREDITS = 1_000_000  # a key's daily spend cap: $10,000 a day at $0.01 a credit
+SPEND_CAP_RULE = (
+    f"The spend cap is in credits a day, more than 0 and at most {MAX_SPEND_CAP_CREDITS:,}, at most 6 decimals."
+)
+
+
+def spend_cap_ucr(text: str) -> int:
+    """A per-key daily spend cap given in credits, as micro-credits; ValueError with ``SPEND_CAP_RULE`` otherwise."""
+    try:
+        credits = Decimal(text.strip())
+    except ArithmeticError:
+        raise ValueError(SPEND_CAP_RULE) from None
+    if not credits.is_finite() or not 0 < credits <= MAX_SPEND_CAP_CREDITS:
+        raise ValueError(SPEND_CAP_RULE)
+    try:
+        return credits_to_ucr(credits)
+    except ValueError:
+        raise ValueError(SPEND_CAP_RULE) from None
+
+
 def format_credits(ucr: int) -> str:
     """Micro-credits as a decimal credit string with six places, e.g. ``12.000345``."""
     sign = "-" if ucr < 0 else ""

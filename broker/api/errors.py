@@ -8,11 +8,15 @@ import uuid
 import redis
 import sqlalchemy.exc
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, RequestURITooLarge
 
-from broker.errors import BrokerError, PayloadTooLarge, ServiceUnavailable
+from broker.errors import BrokerError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
 
 log = logging.getLogger(__name__)
+
+# Longer URLs are refused with a 414 before any work; gunicorn itself refuses a request line
+# (method + URL + version) over limit_request_line = 8190 bytes, its maximum, with a plain 414.
+MAX_URL_BYTES = 4096
 
 HTTP_TYPES = {
     401: "authentication_error",
@@ -32,10 +36,24 @@ def _is_api() -> bool:
     return request.path.startswith(("/v1/", "/webhooks/")) or request.path == "/v1"
 
 
+def _url_bytes(environ: dict) -> int:
+    """The URL's length as the client sent it (path and query), however the server reports it."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw:
+        return len(raw)
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    return len(path) + len(environ.get("QUERY_STRING", "")) + 1
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.before_request
     def _request_id() -> None:
         g.request_id = "req_" + uuid.uuid4().hex
+
+    @app.before_request
+    def _url_length() -> None:
+        if _url_bytes(request.environ) > MAX_URL_BYTES:
+            raise RequestURITooLarge(f"The URL is longer than {MAX_URL_BYTES} bytes; send long input in the body.")
 
     @app.after_request
     def _stamp(response: Response) -> Response:
@@ -55,6 +73,15 @@ def register_error_handlers(app: Flask) -> None:
     def _database_down(error: sqlalchemy.exc.OperationalError) -> Response:
         log.error("database unavailable", extra={"error": type(error).__name__})
         return error_response(ServiceUnavailable("The service is temporarily unavailable; nothing was charged."))
+
+    @app.errorhandler(RecursionError)
+    def _too_deep(error: RecursionError):
+        # A few KB of "[[[[…" is enough to exhaust the parser's (or a validator's) stack;
+        # it is the client's body that is at fault, and it fails before anything is charged.
+        log.warning("request body nested too deeply", extra={"path": request.path[:200]})
+        if not _is_api():
+            return BadRequest("The request body is nested too deeply.")
+        return error_response(InvalidRequest("The request body is nested too deeply to parse.", code="invalid_json"))
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):

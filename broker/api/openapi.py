@@ -23,6 +23,7 @@ ERRORS = {
     "404": "No such model, route or object (another account's objects are not found either).",
     "409": "The object is in a state that does not allow this.",
     "413": "Request body too large.",
+    "414": "The URL (path and query) is longer than 4,096 bytes; nothing was done.",
     "422": "The request is well-formed but a value is not acceptable (e.g. an invalid email address).",
     "429": "Rate limited: retry after `Retry-After` seconds.",
     "502": "The provider failed; the hold was released.",
@@ -104,7 +105,8 @@ def _operation(op: Operation, path: str, method: str, components: dict) -> dict:
         }
     responses = {str(op.status): success}
     error_ref = _schema(ErrorResponse, components)
-    for code in op.errors:
+    # Every route refuses an over-long URL before anything else (broker/api/errors.py).
+    for code in sorted({*op.errors, "414"}):
         responses[code] = {"description": ERRORS[code], "content": {"application/json": {"schema": error_ref}}}
     result: dict = {
         "operationId": f"{method}_{re.sub(r'[^a-z0-9]+', '_', path.lower()).strip('_')}",
@@ -149,7 +151,11 @@ def build(app: Flask, webhooks: dict | None = None) -> dict:
             "version": "1.0.0",
             "description": (
                 "One OpenAI-compatible API for chat (OpenAI, Anthropic, Gemini), text-to-speech, images "
-                "and music, billed in prepaid credits from each provider's own usage report."
+                "and music, billed in prepaid credits from each provider's own usage report.\n\n"
+                "Limits: a URL (path and query) longer than 4,096 bytes is answered 414 with the JSON error "
+                "envelope; a request line (method, URL and version) longer than 8,190 bytes or a header line "
+                "longer than 8,190 bytes is refused by the HTTP server itself (414 and 400, plain text, "
+                "no JSON envelope); bodies are limited as each operation says (413)."
             ),
         },
         "servers": [{"url": "/"}],

@@ -92,7 +92,16 @@ def fulfil_checkout(client: stripe.StripeClient, session: Session, ledger: Ledge
     The session is read back from Stripe's API (never trusted from the caller), and
     only our own metadata on it says which account and how many credits.
     """
-    checkout = client.v1.checkout.sessions.retrieve(session_id).to_dict()
+    try:
+        checkout = client.v1.checkout.sessions.retrieve(session_id).to_dict()
+    except stripe.InvalidRequestError as error:
+        # Stripe does not know the session on our account (another account's, or made up):
+        # nothing to fulfil, and nothing for Stripe to retry.
+        log.warning("checkout session not found", extra={"session_id": session_id[:100], "code": error.code})
+        return None
+    except stripe.StripeError as error:
+        log.error("stripe retrieve failed", extra={"error": type(error).__name__})
+        raise ServiceUnavailable("The payment provider is unavailable; try again shortly.") from None
     metadata = checkout.get("metadata") or {}
     if "account_id" not in metadata or "credits_ucr" not in metadata:
         log.warning("checkout session without broker metadata", extra={"session_id": session_id})
@@ -118,7 +127,9 @@ def handle_event(client: stripe.StripeClient, session: Session, ledger: Ledger, 
         return "duplicate"
     kind = event["type"]
     obj = event["data"]["object"]
-    if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+    if kind.startswith(("checkout.session.", "charge.")) and not isinstance(obj.get("id"), str):
+        outcome = "not ours"
+    elif kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
         purchase = fulfil_checkout(client, session, ledger, obj["id"])
         outcome = purchase.status if purchase else "not ours"
     elif kind == "checkout.session.async_payment_failed":

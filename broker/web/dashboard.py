@@ -128,23 +128,27 @@ def key_limits(key_id: int):
         abort(404)
     defaults = current_app.config["DEFAULT_LIMITS"]
     try:
-        per_minute = _bounded(request.form.get("per_minute"), defaults.per_minute)
-        per_day = _bounded(request.form.get("per_day"), defaults.per_day)
+        per_minute = _bounded(request.form.get("per_minute"), defaults.per_minute, "Requests a minute")
+        per_day = _bounded(request.form.get("per_day"), defaults.per_day, "Requests a day")
         cap = request.form.get("credits_per_day", "").strip()
-        cap_ucr = pricing.credits_to_ucr(Decimal(cap)) if cap else None
-    except (ValueError, InvalidOperation):
-        response = make_response("Limits must be whole numbers within the server's limits; the cap in credits.", 400)
-        return response
+        cap_ucr = pricing.spend_cap_ucr(cap) if cap else None
+    except ValueError as error:
+        return make_response(str(error), 400)
     keys.set_limits(session, svc.redis, key_id, per_minute, per_day, cap_ucr)
     return render("dashboard/keys.html", "dashboard/_keys.html", keys=_keys(), created=None)
 
 
-def _bounded(raw: str | None, ceiling: int) -> int | None:
+def _bounded(raw: str | None, ceiling: int, what: str) -> int | None:
+    """A whole number from 1 to ``ceiling`` (the server's own limit), None when left empty."""
     if not raw or not raw.strip():
         return None
-    value = int(raw)
+    rule = f"{what} must be a whole number from 1 to {ceiling:,} (the server's limit)."
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(rule) from None
     if not 1 <= value <= ceiling:
-        raise ValueError(raw)
+        raise ValueError(rule)
     return value
 
 
