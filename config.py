@@ -112,6 +112,11 @@ def load(overrides: dict | None = None) -> dict:
         "ALERT_UPSTREAM_ERROR_RATE": float(env("ALERT_UPSTREAM_ERROR_RATE", "0.2")),
         "ALERT_FAILED_JOBS": int(env("ALERT_FAILED_JOBS", "5")),
         "EMBEDDED_REDIS_PORT": int(env("EMBEDDED_REDIS_PORT", "6390")),
+        # smtp://[user:password@]host[:587] (STARTTLS required) or smtps://…[:465]; unset: files under instance/mail/.
+        "MAIL_URL": env("MAIL_URL", ""),
+        "MAIL_FROM": env("MAIL_FROM", "AI API Broker <no-reply@localhost>"),
+        # A PEM bundle of a private CA that signs the SMTP server's certificate; unset: the system's CAs.
+        "MAIL_TLS_CA_FILE": env("MAIL_TLS_CA_FILE", ""),
     }
     config.update(overrides or {})
     if isinstance(config["RAPIDAPI_PLANS"], str):
@@ -121,6 +126,11 @@ def load(overrides: dict | None = None) -> dict:
             raise RuntimeError("SECRET_KEY must be set when BROKER_ENV=production")
         if not config["REDIS_URL"]:
             raise RuntimeError("REDIS_URL must be set when BROKER_ENV=production")
+        if not config["MAIL_URL"]:
+            raise RuntimeError(
+                "MAIL_URL must be set when BROKER_ENV=production (e.g. smtps://USER:PASSWORD@smtp.example.com): "
+                "sign-up and password links are sent by email"
+            )
     elif not config["SECRET_KEY"]:
         config["SECRET_KEY"] = "dev-only-insecure-secret"
     provider_keys = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY", "ELEVENLABS_API_KEY", "SUNO_API_KEY")

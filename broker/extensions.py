@@ -23,6 +23,7 @@ from broker.billing import Catalogue, stripe_checkout
 from broker.chat import Metering
 from broker.ledger import Ledger
 from broker.limits import Limits
+from broker.mail import Mailer, make_mailer
 from broker.media import MediaContext
 from broker.pricing import PriceTable
 from broker.providers.anthropic import AnthropicProvider
@@ -71,6 +72,7 @@ class Services:
     media: MediaContext
     stripe: stripe.StripeClient | None
     catalogue: Catalogue
+    mailer: Mailer
 
 
 def services() -> Services:
@@ -229,6 +231,7 @@ def init_app(app: Flask) -> Services:
         media=media,
         stripe=stripe_checkout.make_client(config),
         catalogue=Catalogue.from_config(config),
+        mailer=make_mailer(config),
     )
     app.extensions["broker"] = services
     init_web(app, url)

@@ -28,6 +28,7 @@ from werkzeug.serving import make_server
 from broker import ROOT, accounts, create_app, keys, migrations, pricing
 from broker.embedded_redis import EmbeddedRedis
 from broker.extensions import services
+from tests.fakes.smtp import FakeSmtp
 from tests.fakes.stripe_api import FakeStripe
 from tests.fakes.upstreams import FakeUpstream
 
@@ -174,6 +175,29 @@ def stripe_fake():
     fake.stop()
 
 
+SMTP: dict = {}
+MAIL_FROM = "AI API Broker <no-reply@broker.test>"
+
+
+def shared_smtp() -> FakeSmtp:
+    """The session's fake SMTP server (STARTTLS + AUTH), started on first use: every test app mails through it."""
+    if "server" not in SMTP:
+        SMTP["server"] = FakeSmtp().start()
+    return SMTP["server"]
+
+
+@pytest.fixture(scope="session")
+def smtp_server():
+    yield shared_smtp()
+    SMTP.pop("server").stop()
+
+
+@pytest.fixture
+def mailbox(app, smtp_server) -> FakeSmtp:
+    """The fake SMTP server the test app sends to, emptied for this test."""
+    return smtp_server
+
+
 @pytest.fixture(scope="session")
 def migrated_db(tmp_path_factory):
     path = tmp_path_factory.mktemp("db") / "template.db"
@@ -208,12 +232,15 @@ def app_config(tmp_path, redis_url: str, upstream: FakeUpstream, db_url: str, st
         "UPSTREAM_RETRIES": 2,
         "UPSTREAM_CONNECT_TIMEOUT": 2.0,
         "UPSTREAM_READ_TIMEOUT": 2.0,
+        "MAIL_URL": shared_smtp().url,
+        "MAIL_FROM": MAIL_FROM,
+        "MAIL_TLS_CA_FILE": shared_smtp().ca_file,
         **PROVIDER_KEYS,
     }
 
 
 @pytest.fixture
-def app(request, tmp_path, redis_server, upstream, stripe_fake, migrated_db, db_backend):
+def app(request, tmp_path, redis_server, upstream, stripe_fake, smtp_server, migrated_db, db_backend):
     if db_backend == "postgresql":
         # Its teardown (DROP DATABASE) runs after this fixture's, which disposes the engine.
         db_url = request.getfixturevalue("postgres_url")
@@ -223,6 +250,7 @@ def app(request, tmp_path, redis_server, upstream, stripe_fake, migrated_db, db_
     redis.Redis(port=redis_server.port).flushall()
     upstream.reset()
     stripe_fake.reset()
+    smtp_server.reset()
     config = app_config(tmp_path, redis_server.url, upstream, db_url, stripe_fake.url)
     app = create_app(config)
     app.config["BROKER_TEST_CONFIG"] = config
