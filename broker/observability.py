@@ -8,6 +8,7 @@ import re
 import sys
 import time
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 from flask import Flask, g, has_request_context, request
 
@@ -54,8 +55,28 @@ class StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def scrub(event: dict, _hint: dict) -> dict:
-    """Sentry ``before_send``: drop secret headers and cookies, mask API keys anywhere in the event."""
+# scheme://user:password@host → scheme://[scrubbed]@host (Redis, database and mail URLs carry passwords).
+URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s/@'\"<>]+@")
+SECRET_SETTINGS = re.compile(r"_API_KEY$|SECRET|TOKEN|PASSWORD")
+URL_SETTINGS = ("REDIS_URL", "DATABASE_URL", "MAIL_URL", "SENTRY_DSN")
+
+
+def secrets_of(config: dict) -> list[str]:
+    """The configured secret values (keys, webhook secrets, tokens, passwords inside URLs), longest first."""
+    found = {str(v) for k, v in config.items() if SECRET_SETTINGS.search(k) and isinstance(v, str)}
+    for name in URL_SETTINGS:
+        try:
+            parts = urlsplit(str(config.get(name) or ""))
+            found |= {parts.password or "", parts.username or ""}
+        except ValueError:
+            continue
+    # Short values would scrub ordinary words and numbers; real secrets are long.
+    return sorted((v for v in found if len(v) >= 8), key=len, reverse=True)
+
+
+def scrub(event: dict, _hint: dict, secrets: list[str] | tuple[str, ...] = ()) -> dict:
+    """Sentry ``before_send``: drop secret headers, cookies and bodies; mask API keys, URL credentials
+    and the configured secrets anywhere in the event (frame variables and breadcrumbs included)."""
     request = event.get("request") or {}
     headers = request.get("headers") or {}
     for name in list(headers):
@@ -63,20 +84,27 @@ def scrub(event: dict, _hint: dict) -> dict:
             headers[name] = "[scrubbed]"
     request.pop("cookies", None)
     request.pop("data", None)
-    return json.loads(KEY_PATTERN.sub("brk_live_[scrubbed]", json.dumps(event, default=str)))
+    text = json.dumps(event, default=str)
+    for secret in secrets:
+        text = text.replace(json.dumps(secret)[1:-1], "[scrubbed]")
+    text = URL_CREDENTIALS.sub(r"\1[scrubbed]@", KEY_PATTERN.sub("brk_live_[scrubbed]", text))
+    return json.loads(text)
 
 
-def init_sentry(dsn: str, environment: str) -> None:
+def init_sentry(dsn: str, environment: str, secrets: list[str] | tuple[str, ...] = ()) -> None:
     import sentry_sdk
     from sentry_sdk.integrations.flask import FlaskIntegration
     from sentry_sdk.integrations.rq import RqIntegration
+
+    def before_send(event: dict, hint: dict) -> dict:
+        return scrub(event, hint, secrets)
 
     sentry_sdk.init(
         dsn=dsn,
         environment=environment,
         integrations=[FlaskIntegration(), RqIntegration()],
         send_default_pii=False,
-        before_send=scrub,
+        before_send=before_send,
         traces_sample_rate=0.0,
     )
 
@@ -87,7 +115,7 @@ def _route() -> str:
 
 def init_app(app: Flask) -> None:
     if app.config.get("SENTRY_DSN"):
-        init_sentry(app.config["SENTRY_DSN"], app.config["BROKER_ENV"])
+        init_sentry(app.config["SENTRY_DSN"], app.config["BROKER_ENV"], secrets_of(app.config))
 
     @app.before_request
     def _start_timer() -> None:
