@@ -57,7 +57,9 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope) -> str:
-        message = BytesParser(policy=policy.default).parsebytes(envelope.original_content or envelope.content)
+        # Line ends as a mail reader shows them (SMTP sends CRLF), so bodies compare with plain strings.
+        raw = (envelope.original_content or envelope.content).replace(b"\r\n", b"\n")
+        message = BytesParser(policy=policy.default).parsebytes(raw)
         login = session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None
         # After STARTTLS or with implicit TLS alike, the transport the message came in on is TLS.
         tls = server.transport.get_extra_info("ssl_object") is not None
