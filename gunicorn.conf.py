@@ -18,6 +18,27 @@ Workers: one per CPU measured best with gevent (2, 3, 4 workers: 506, 443, 358 r
 from __future__ import annotations
 
 import os
+import re
+
+from gunicorn.glogging import Logger
+
+API_KEY = re.compile(r"brk_live_[0-9A-Za-z]+")
+
+
+class MaskingLogger(Logger):
+    """gunicorn's logger with API keys masked in every access-log atom.
+
+    A client may send its key as the HTTP Basic user (gunicorn's ``%(u)s``), in the query
+    (``%(r)s``, ``%(q)s``) or in any header (``%({name}i)s``): none of it reaches the log.
+    """
+
+    def atoms(self, resp, req, environ, request_time) -> dict:
+        atoms = super().atoms(resp, req, environ, request_time)
+        atoms["u"] = "-"  # the Basic user name is whatever the client chose to send, keys included
+        for name, value in list(atoms.items()):
+            if isinstance(value, str) and "brk_live_" in value:
+                atoms[name] = API_KEY.sub("brk_live_[masked]", value)
+        return atoms
 
 
 def _int(name: str, default: int) -> int:
@@ -55,6 +76,9 @@ keepalive = _int("GUNICORN_KEEPALIVE", 5)
 limit_request_line = 8190
 
 accesslog = os.environ.get("GUNICORN_ACCESSLOG") or None  # off unless set ("-" for stdout)
+# gunicorn's default without %(u)s (the HTTP Basic user name, where clients put API keys).
+access_log_format = '%(h)s %(l)s - %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(M)sms'
+logger_class = MaskingLogger
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 # Proxies whose X-Forwarded-* headers are trusted (scheme, client address); "*" behind a private LB.
