@@ -127,3 +127,22 @@ def test_openapi_documents_the_414_on_every_operation(client):
     for path, methods in spec["paths"].items():
         for method, op in methods.items():
             assert "414" in op["responses"], (path, method)
+
+
+def test_compose_runs_redis_with_a_password_and_private():
+    """Whoever writes to Redis can enqueue any function for the workers: compose's Redis needs a password."""
+    import yaml
+
+    from broker import ROOT
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    redis_service = services["redis"]
+    assert "ports" not in redis_service  # reachable from the compose network only
+    command = redis_service["command"]
+    assert command[command.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
+    assert redis_service["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
+    assert "PONG" in " ".join(redis_service["healthcheck"]["test"])
+    for name in ("web", "worker", "cron", "migrate"):
+        url = services[name]["environment"]["REDIS_URL"]
+        assert url.startswith("redis://:${REDIS_PASSWORD:?") and url.endswith("@redis:6379/0"), (name, url)
