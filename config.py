@@ -6,12 +6,15 @@ import json
 import os
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
 
 ROOT = Path(__file__).resolve().parent
 
 ENVIRONMENTS = ("development", "production", "testing")
+DEV_SECRET_KEY = "dev-only-insecure-secret"
+MAKE_SECRET_KEY = 'python -c "import secrets; print(secrets.token_urlsafe(48))"'
 
 
 def _bool(value: str | None, default: bool = False) -> bool:
@@ -20,11 +23,44 @@ def _bool(value: str | None, default: bool = False) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _check_secret_key(key: str) -> None:
+    """Production's SECRET_KEY signs sessions and CSRF tokens: whoever guesses it forges them."""
+    # A plain rule rather than an entropy estimate: long, varied, and not the development default.
+    if len(key) < 32 or len(set(key)) < 10 or key == DEV_SECRET_KEY:
+        raise RuntimeError(
+            "SECRET_KEY must be a long random value when BROKER_ENV=production: at least 32 characters, "
+            f"at least 10 of them different, not the development default. Make one with: {MAKE_SECRET_KEY}"
+        )
+
+
+def _trusted_hosts(config: dict) -> list[str] | None:
+    """Flask's TRUSTED_HOSTS: the TRUSTED_HOSTS setting plus PUBLIC_URL's host; production needs one of them."""
+    hosts = config["TRUSTED_HOSTS"] or []
+    if isinstance(hosts, str):
+        hosts = [host.strip() for host in hosts.split(",") if host.strip()]
+    hosts = list(hosts)
+    production = config["BROKER_ENV"] == "production"
+    if config["PUBLIC_URL"]:
+        public = urlsplit(config["PUBLIC_URL"])
+        if public.scheme not in ("http", "https") or not public.hostname:
+            raise RuntimeError("PUBLIC_URL must be an http(s) URL with a host, e.g. https://broker.example.com")
+        # The public URL's host is ours by definition; in development only when a list is asked for.
+        if (hosts or production) and public.hostname not in hosts:
+            hosts.append(public.hostname)
+    if production and not hosts:
+        raise RuntimeError(
+            "PUBLIC_URL (e.g. https://broker.example.com) or TRUSTED_HOSTS must be set when BROKER_ENV=production: "
+            "without them the Host header a client sends would choose the links the app builds"
+        )
+    return hosts or None
+
+
 def load(overrides: dict | None = None) -> dict:
     """Build the Flask config mapping from the environment, then apply ``overrides``.
 
     Every setting and its default is listed here and in the README. Production
-    fails fast without ``SECRET_KEY`` and never starts an embedded Redis.
+    fails fast without a strong ``SECRET_KEY``, without ``REDIS_URL`` and without
+    ``PUBLIC_URL`` or ``TRUSTED_HOSTS``, and never starts an embedded Redis.
     """
     load_dotenv(ROOT / ".env", override=False)
     env = os.environ.get
@@ -80,8 +116,10 @@ def load(overrides: dict | None = None) -> dict:
         "CREDIT_PACKS_USD": env("CREDIT_PACKS_USD", "5,20,100"),
         "CHECKOUT_MIN_USD": Decimal(env("CHECKOUT_MIN_USD", "5")),
         "CHECKOUT_MAX_USD": Decimal(env("CHECKOUT_MAX_USD", "1000")),
-        # Where Stripe sends the buyer back to; unset: the host of the request.
+        # The base of every link the app builds (Stripe's return URL, the docs' examples); unset: the request's host.
         "PUBLIC_URL": env("PUBLIC_URL", ""),
+        # Comma-separated Host names served (Flask's syntax: ".example.com" admits its subdomains); others get 400.
+        "TRUSTED_HOSTS": env("TRUSTED_HOSTS", ""),
         "COINBASE_WEBHOOK_SECRET": env("COINBASE_WEBHOOK_SECRET", ""),
         "RAPIDAPI_SECRET": env("RAPIDAPI_SECRET", ""),
         # Requests per minute per RapidAPI plan (X-RapidAPI-Subscription), as JSON.
@@ -124,6 +162,7 @@ def load(overrides: dict | None = None) -> dict:
     if config["BROKER_ENV"] == "production":
         if not config["SECRET_KEY"]:
             raise RuntimeError("SECRET_KEY must be set when BROKER_ENV=production")
+        _check_secret_key(config["SECRET_KEY"])
         if not config["REDIS_URL"]:
             raise RuntimeError("REDIS_URL must be set when BROKER_ENV=production")
         if not config["MAIL_URL"]:
@@ -132,7 +171,8 @@ def load(overrides: dict | None = None) -> dict:
                 "sign-up and password links are sent by email"
             )
     elif not config["SECRET_KEY"]:
-        config["SECRET_KEY"] = "dev-only-insecure-secret"
+        config["SECRET_KEY"] = DEV_SECRET_KEY
+    config["TRUSTED_HOSTS"] = _trusted_hosts(config)
     provider_keys = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY", "ELEVENLABS_API_KEY", "SUNO_API_KEY")
     no_keys = not any(config[k] for k in provider_keys)
     config["DEMO_PROVIDER"] = _bool(str(config["DEMO_PROVIDER"]), default=no_keys)

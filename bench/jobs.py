@@ -7,6 +7,7 @@ import itertools
 import math
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -310,7 +311,8 @@ class Bench:
         self.env = {
             **base_env,
             "BROKER_ENV": "production",
-            "SECRET_KEY": "bench-jobs-secret",
+            "SECRET_KEY": secrets.token_urlsafe(48),
+            "TRUSTED_HOSTS": "127.0.0.1",  # the address the bench sends its requests to
             "INSTANCE_PATH": str(self.work / "instance"),
             "DATABASE_URL": db_url,
             "REDIS_URL": self.redis_server.url,

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import resource
+import secrets
 import shutil
 import signal
 import subprocess
@@ -533,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
                 env = {
                     **{k: v for k, v in base_env.items() if not k.endswith(("_API_KEY", "DEMO_PROVIDER"))},
                     "BROKER_ENV": "production",
-                    "SECRET_KEY": "bench-secret",
+                    "SECRET_KEY": secrets.token_urlsafe(48),
+                    "TRUSTED_HOSTS": "127.0.0.1",  # the address the bench sends its requests to
                     "INSTANCE_PATH": str(work / "instance"),
                     "DATABASE_URL": db_url,
                     "REDIS_URL": redis_server.url,

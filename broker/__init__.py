@@ -8,7 +8,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import config as broker_config
-from broker import extensions, migrations, observability
+from broker import extensions, hosts, migrations, observability
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +30,10 @@ def create_app(overrides: dict | None = None) -> Flask:
         migrations.upgrade(settings["DATABASE_URL"])
     register_blueprints(app)
     register_commands(app)
+    if settings["TRUSTED_HOSTS"]:
+        host = hosts.canonical_host(settings["PUBLIC_URL"], settings["TRUSTED_HOSTS"])
+        app.wsgi_app = hosts.AdmitInfrastructure(app.wsgi_app, host, settings["RAPIDAPI_SECRET"])
+    # Outermost, so that the Host checked above is the one PROXY_HOPS allows to be forwarded.
     if settings["PROXY_HOPS"]:
         hops = settings["PROXY_HOPS"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)

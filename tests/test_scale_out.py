@@ -12,6 +12,7 @@ Needs PostgreSQL (``TEST_DATABASE_URL``; ``.ci/run`` sets it): skipped without i
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 import subprocess
 import sys
@@ -84,7 +85,9 @@ def cluster(app, tmp_path):
     """2 × gunicorn, 2 × ``worker.py --no-cron``, 1 × ``worker.py --cron-only``; yields (env, ports, services)."""
     env = WorkerProcess(app.config["BROKER_TEST_CONFIG"]).env
     env.update(
-        BROKER_ENV="production",  # needs SECRET_KEY and REDIS_URL, both in the test config
+        BROKER_ENV="production",  # needs REDIS_URL and MAIL_URL (in the test config) and these two:
+        SECRET_KEY=secrets.token_urlsafe(48),
+        TRUSTED_HOSTS="127.0.0.1",  # the address the test sends its requests to
         LOG_LEVEL="WARNING",
         WEB_CONCURRENCY="1",
         GUNICORN_LOGLEVEL="warning",

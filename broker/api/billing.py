@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import current_app, g, jsonify, request, url_for
+from flask import current_app, g, jsonify
 
 from broker import billing
 from broker.api import bp, parse
@@ -10,12 +10,8 @@ from broker.api.openapi import operation
 from broker.billing import stripe_checkout
 from broker.errors import Forbidden
 from broker.extensions import services
+from broker.hosts import return_url
 from broker.schemas import CheckoutRequest, CheckoutSession, PurchaseList
-
-
-def return_url() -> str:
-    base = current_app.config["PUBLIC_URL"].rstrip("/") or request.host_url.rstrip("/")
-    return base + url_for("dashboard.checkout_return")
 
 
 @bp.post("/checkout")

@@ -14,7 +14,7 @@ from markupsafe import Markup
 from rq import Queue
 from sqlalchemy import func, select, text
 
-from broker import ROOT, docs_render, metrics
+from broker import ROOT, docs_render, hosts, metrics
 from broker.extensions import services
 from broker.ledger import EXPIRY
 from broker.models import Job
@@ -196,7 +196,9 @@ def landing():
         markup=markup,
         credit_usd=credit_usd,
         enabled=enabled,
-        quickstart=docs_render.quickstart(request.host_url, docs_render.default_models(enabled_models())["chat"]),
+        quickstart=docs_render.quickstart(
+            hosts.public_base_url(), docs_render.default_models(enabled_models())["chat"]
+        ),
         model_count=len(by_id),
     )
 

@@ -24,10 +24,10 @@ from sqlalchemy import select
 
 from broker import billing as billing_domain
 from broker import charts, keys, media, pricing, usage
-from broker.api.billing import return_url
 from broker.billing import stripe_checkout
 from broker.errors import BrokerError, NotFound
 from broker.extensions import services
+from broker.hosts import return_url
 from broker.models import Account, ApiKey, Job, UsageRecord
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard")

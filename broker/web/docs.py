@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, render_template, request
+from flask import Blueprint, current_app, jsonify, render_template
 
-from broker import docs_render
+from broker import docs_render, hosts
 from broker.api import openapi
 from broker.web import enabled_models
 
@@ -29,5 +29,5 @@ def openapi_json():
 @bp.get("/docs")
 def reference():
     models = docs_render.default_models(enabled_models())
-    ref = docs_render.reference(spec(), request.host_url, openapi.ERRORS, models)
+    ref = docs_render.reference(spec(), hosts.public_base_url(), openapi.ERRORS, models)
     return render_template("docs/index.html", ref=ref)
