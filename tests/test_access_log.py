@@ -31,7 +31,7 @@ def gunicorn(app, tmp_path):
         while True:
             assert process.poll() is None, output.read_text()
             try:
-                requests.get(base + "/health", timeout=2)
+                requests.get(base + "/healthz", timeout=2)
                 break
             except requests.ConnectionError:
                 assert time.monotonic() < deadline, output.read_text()
