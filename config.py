@@ -81,6 +81,13 @@ def load(overrides: dict | None = None) -> dict:
         "MAX_CONTENT_LENGTH": int(env("MAX_CONTENT_LENGTH", str(1024 * 1024))),
         "HOLD_TTL_SECONDS": int(env("HOLD_TTL_SECONDS", "900")),
         "KEY_CACHE_SECONDS": int(env("KEY_CACHE_SECONDS", "300")),
+        # Per client address: more requests with unknown or revoked keys in a minute get 429 (0: off).
+        "AUTH_FAILURES_PER_MINUTE": int(env("AUTH_FAILURES_PER_MINUTE", "30")),
+        # Unrevoked API keys an account may hold (0: no cap).
+        "MAX_KEYS_PER_ACCOUNT": int(env("MAX_KEYS_PER_ACCOUNT", "100")),
+        # Idempotency-Keys an account may hold at once (24 h each), and the largest response kept for replay.
+        "IDEMPOTENCY_KEYS_PER_ACCOUNT": int(env("IDEMPOTENCY_KEYS_PER_ACCOUNT", "1000")),
+        "IDEMPOTENCY_MAX_BODY_BYTES": int(env("IDEMPOTENCY_MAX_BODY_BYTES", str(256 * 1024))),
         "DEMO_CREDITS": Decimal(env("DEMO_CREDITS", "1000")),
         "UPSTREAM_CONNECT_TIMEOUT": float(env("UPSTREAM_CONNECT_TIMEOUT", "5")),
         "UPSTREAM_READ_TIMEOUT": float(env("UPSTREAM_READ_TIMEOUT", "120")),

@@ -5,21 +5,31 @@ true``) and is charged once; with a different body it is a 409; while the first 
 still running, a retry gets a 409 too. Server errors (5xx) and rate limits are not
 kept, so a retry can run again; a streamed response cannot be replayed and is not
 kept either.
+
+What an account can store is bounded: a response body over ``max_body_bytes`` is not
+kept (a retry runs again), and an account holds at most ``max_keys`` keys at once
+(counted in a sorted set by expiry); one more new key is refused with a 429
+(``too_many_idempotency_keys``, Retry-After: when the oldest expires) rather than run
+without the protection the client asked for.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import time
 
 import redis
 
-from broker.errors import Conflict, InvalidRequest
+from broker.errors import Conflict, InvalidRequest, RateLimited
 
 TTL_SECONDS = 24 * 3600
 # A claim whose request never finished (its process died) frees itself after this.
 RUNNING_TTL_SECONDS = 600
 PREFIX = "idem:"
+MAX_BODY_BYTES = 256 * 1024
+MAX_KEYS = 1000
 
 
 def _key(account_id: int, idempotency_key: str) -> str:
@@ -28,12 +38,21 @@ def _key(account_id: int, idempotency_key: str) -> str:
     return f"{PREFIX}{account_id}:{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
 
 
-def begin(client: redis.Redis, account_id: int, idempotency_key: str, body: bytes) -> tuple[str, dict | None]:
+def _index(key: str) -> tuple[str, str]:
+    """The account's sorted set of held keys (scored by expiry) and this key's member in it."""
+    account, digest = key[len(PREFIX) :].split(":")
+    return f"{PREFIX}{account}:held", digest
+
+
+def begin(
+    client: redis.Redis, account_id: int, idempotency_key: str, body: bytes, max_keys: int = MAX_KEYS
+) -> tuple[str, dict | None]:
     """Claim the key for this request; returns (redis key, the stored response to replay or None)."""
     key = _key(account_id, idempotency_key)
     fingerprint = hashlib.sha256(body).hexdigest()
     claim = json.dumps({"state": "running", "body": fingerprint})
     if client.set(key, claim, nx=True, ex=RUNNING_TTL_SECONDS):
+        _hold(client, key, max_keys)
         return key, None
     stored = json.loads(client.get(key) or claim)
     if stored["body"] != fingerprint:
@@ -51,10 +70,50 @@ def begin(client: redis.Redis, account_id: int, idempotency_key: str, body: byte
     return key, stored
 
 
-def finish(client: redis.Redis, key: str, body: bytes, status: int, headers: dict, data: bytes | None) -> None:
-    """Keep the response for replays, or free the key when it must not be kept."""
-    if data is None or status >= 500 or status == 429:
-        client.delete(key)
+def _hold(client: redis.Redis, key: str, max_keys: int) -> None:
+    """Count a new key against the account's cap; over it, free the claim and raise ``RateLimited``."""
+    index, member = _index(key)
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.zremrangebyscore(index, "-inf", now)
+    pipe.zadd(index, {member: now + TTL_SECONDS})
+    pipe.expire(index, TTL_SECONDS)
+    pipe.zcard(index)
+    pipe.zrange(index, 0, 0, withscores=True)
+    *_, held, oldest = pipe.execute()
+    if held <= max_keys:
+        return
+    _free(client, key)
+    retry_after = max(1, math.ceil(oldest[0][1] - now)) if oldest else TTL_SECONDS
+    raise RateLimited(
+        f"This account holds {max_keys} Idempotency-Keys from the last 24 hours, the most it can; "
+        "retry later, or send the request without one.",
+        param="Idempotency-Key",
+        code="too_many_idempotency_keys",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def _free(client: redis.Redis, key: str) -> None:
+    index, member = _index(key)
+    pipe = client.pipeline(transaction=False)
+    pipe.delete(key)
+    pipe.zrem(index, member)
+    pipe.execute()
+
+
+def finish(
+    client: redis.Redis,
+    key: str,
+    body: bytes,
+    status: int,
+    headers: dict,
+    data: bytes | None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> None:
+    """Keep the response for replays, or free the key when it must not (or is too large to) be kept."""
+    if data is None or status >= 500 or status == 429 or len(data) > max_body_bytes:
+        _free(client, key)
         return
     stored = {
         "state": "done",
@@ -68,4 +127,4 @@ def finish(client: redis.Redis, key: str, body: bytes, status: int, headers: dic
 
 def abandon(client: redis.Redis, key: str) -> None:
     """The request died with an unhandled error: let a retry run."""
-    client.delete(key)
+    _free(client, key)

@@ -3,7 +3,20 @@
 A key is ``brk_live_`` + 32 random base62 characters + a 6-character base62
 CRC32 of them. The prefix lets secret scanners find leaked keys; the checksum
 rejects mistyped or invented keys without a lookup. Only the SHA-256 of a key is
-stored. Lookups are cached in Redis; revoking deletes the cache entry at once.
+stored.
+
+Lookups are cached in Redis under the key's hash tag ``{k:<24 hex of its hash>}``, with
+its rate counters in the same slot, so one script reads the entry and counts the
+request in one round trip (and runs unchanged on Redis Cluster). The checksum format
+is public, so a well-formed key proves nothing: only a key the cache names as live is
+counted; an unknown key is remembered for a few seconds only and costs its client one
+failure on a per-minute counter (``limits``), and a client past the limit gets no
+more SQL lookups until the minute ends.
+
+Revoking writes a tombstone over the cache entry, and a cache fill never replaces an
+entry (it is a SET if absent, inside the script), so a request that read the key's row
+before the revocation cannot bring the key back: once ``revoke_key`` returns, the key
+never authenticates again.
 """
 
 from __future__ import annotations
@@ -15,13 +28,14 @@ import time
 import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NoReturn
 
 import redis
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from broker import limits
-from broker.errors import AuthenticationFailed, NotFound
+from broker.errors import AuthenticationFailed, Conflict, NotFound
 from broker.limits import Limits
 from broker.models import Account, ApiKey
 
@@ -31,6 +45,43 @@ CHECK_LENGTH = 6
 ALPHABET = string.digits + string.ascii_letters
 CACHE = "apikey:"
 LAST_USED = "apikey:last-used"
+TOMBSTONE = "-"  # the cache entry of a revoked or unknown key
+# A tombstone outlives any cache entry (authenticate caps KEY_CACHE_SECONDS at this) and
+# any request that read the key's row before the revocation.
+TOMBSTONE_SECONDS = 86400
+# Guesses are new keys each time: a long negative cache would only grow Redis.
+UNKNOWN_KEY_CACHE_SECONDS = 5
+MAX_KEYS_PER_ACCOUNT = 100
+AUTH_FAILURES_PER_MINUTE = 30
+DEFAULT_CACHE_SECONDS = 300
+
+# KEYS: cache entry, minute counter, day counter, spend of the day (one hash tag)
+# ARGV: an entry to store when there is none ('' = none), its TTL, the counters' TTLs
+# Returns {} (no entry), {tombstone}, or {entry, minute count, day count, spent today}.
+AUTH_SCRIPT = r"""
+local entry = redis.call('GET', KEYS[1])
+if not entry and ARGV[1] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  entry = ARGV[1]
+end
+if not entry then return {} end
+if entry == '-' then return {entry} end
+local minute = redis.call('INCR', KEYS[2])
+if minute == 1 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+local day = redis.call('INCR', KEYS[3])
+if day == 1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
+return {entry, minute, day, redis.call('GET', KEYS[4]) or '0'}
+"""
+
+# KEYS: cache entry. ARGV: entry, TTL. Never replaces a tombstone: a revoked key stays revoked.
+PUT_SCRIPT = r"""
+if redis.call('GET', KEYS[1]) == '-' then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+SCRIPTS = {"auth": AUTH_SCRIPT, "put": PUT_SCRIPT}
+SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SCRIPTS.items()}
 
 
 def _base62(number: int, width: int) -> str:
@@ -66,6 +117,26 @@ def display_prefix(key: str) -> str:
     return key[: len(PREFIX) + 6]
 
 
+def key_tag(digest: str) -> str:
+    """The Redis hash tag of a key's cache entry and rate counters."""
+    return "{k:" + digest[:24] + "}"
+
+
+def cache_key(digest: str) -> str:
+    return f"{CACHE}{key_tag(digest)}:{digest}"
+
+
+def _script(client: redis.Redis, name: str, keys: list[str], args: list) -> list | int:
+    """Run one of ``SCRIPTS`` by its SHA; load it and retry once if the server does not have it."""
+    # ``execute_command``, as the ledger does: it routes by the keys on Redis Cluster too.
+    command = ("EVALSHA", SHAS[name], len(keys), *keys, *args)
+    try:
+        return client.execute_command(*command)
+    except redis.exceptions.NoScriptError:
+        client.script_load(SCRIPTS[name])
+        return client.execute_command(*command)
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who is calling: the account, the key (0 for a marketplace caller) and, for a
@@ -83,8 +154,24 @@ def create_key(
     name: str = "",
     expires_at: datetime | None = None,
     source: str = "cli",
+    max_active: int = MAX_KEYS_PER_ACCOUNT,
 ) -> tuple[ApiKey, str]:
-    """Create and commit a key; returns the row and the plain key, which is never stored."""
+    """Create and commit a key; returns the row and the plain key, which is never stored.
+
+    ``Conflict`` (409, ``too_many_keys``) when the account already holds ``max_active``
+    unrevoked keys (0: no cap).
+    """
+    # Locks the account row on PostgreSQL, so two creations at once cannot both pass the count.
+    session.execute(select(Account.id).where(Account.id == account.id).with_for_update())
+    active = session.scalar(
+        select(func.count()).select_from(ApiKey).where(ApiKey.account_id == account.id, ApiKey.revoked_at.is_(None))
+    )
+    if max_active and active >= max_active:
+        session.rollback()
+        raise Conflict(
+            f"This account already has {active} active API keys, the most it can hold: revoke one to create another.",
+            code="too_many_keys",
+        )
     plain = generate()
     row = ApiKey(
         account_id=account.id,
@@ -107,20 +194,32 @@ def revoke_key(session: Session, client: redis.Redis, account_id: int, key_id: i
     if row.revoked_at is None:
         row.revoked_at = datetime.now(UTC)
         session.commit()
-    client.delete(CACHE + row.key_hash)
+    # A tombstone, not a delete: a request that read the row before the commit fills the
+    # cache only where there is no entry, so it can no longer bring the key back.
+    pipe = client.pipeline(transaction=False)
+    pipe.set(cache_key(row.key_hash), TOMBSTONE, ex=TOMBSTONE_SECONDS)
+    pipe.delete(CACHE + row.key_hash)  # the name before hash tags, read by processes not yet on this release
+    pipe.execute()
     return row
 
 
 def authenticate(
-    client: redis.Redis, session_factory, key: str | None, cache_seconds: int, defaults: Limits
+    client: redis.Redis,
+    session_factory,
+    key: str | None,
+    cache_seconds: int,
+    defaults: Limits,
+    client_id: str = "",
+    failures_per_minute: int = AUTH_FAILURES_PER_MINUTE,
 ) -> tuple[Caller, dict[str, str]]:
     """The caller a key belongs to and its X-RateLimit headers; ``AuthenticationFailed`` or ``RateLimited``.
 
-    One pipelined Redis round trip when cached: the cache GET and the key's rate
-    counters together; the SQL lookup (and caching) happens only on a miss. The cache
-    stores "account:key:expiry:per-minute:per-day:spend-cap" (empty fields: the
-    defaults) or "-" for a well-formed key that matched nothing, so guessing costs no
-    SQL either.
+    A cached key costs one Redis round trip: the script that reads the cache entry and,
+    when it names a live key, counts the request. A miss looks the key up in SQL (unless
+    ``client_id`` already failed ``failures_per_minute`` times this minute: 429) and
+    fills the cache in the same script call that counts. The entry is
+    "account:key:expiry:per-minute:per-day:spend-cap" (empty fields: the defaults), or
+    the tombstone "-" for a revoked key (or, for a few seconds, an unknown one).
     """
     if not key:
         raise AuthenticationFailed(
@@ -131,16 +230,15 @@ def authenticate(
         raise AuthenticationFailed("Invalid API key.")
     digest = hash_key(key)
     now = time.time()
-    pipe = client.pipeline(transaction=False)
-    pipe.get(CACHE + digest)
-    limits.queue_counts(pipe, digest[:24], now)
-    cached, *counts = pipe.execute()
-    if cached is None:
-        cached = _lookup(session_factory, digest)
-        client.set(CACHE + digest, cached, ex=cache_seconds)
-    if cached == "-":
-        raise AuthenticationFailed("Invalid API key.")
-    account_id, key_id, expires, per_minute, per_day, cap = cached.split(":")
+    reply = _count(client, digest, now)
+    if not reply:
+        reply = _fill(
+            client, session_factory, digest, now, min(cache_seconds, TOMBSTONE_SECONDS), client_id, failures_per_minute
+        )
+    if reply[0] == TOMBSTONE:
+        _refuse(client, client_id, now, failures_per_minute)
+    entry, minute_count, day_count, spent = reply
+    account_id, key_id, expires, per_minute, per_day, cap = entry.split(":")
     if expires and float(expires) <= now:
         raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
     own = Limits(
@@ -148,15 +246,59 @@ def authenticate(
         int(per_day or defaults.per_day),
         int(cap or defaults.spend_per_day_ucr),
     )
-    headers = limits.check(own, counts, now)
-    return Caller(int(account_id), int(key_id), rate_tag=digest[:24]), headers
+    headers = limits.check(own, int(minute_count), int(day_count), int(spent), now)
+    return Caller(int(account_id), int(key_id), rate_tag=key_tag(digest)), headers
 
 
-def _lookup(session_factory, digest: str) -> str:
-    session = session_factory()
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
-    if row is None or row.revoked_at is not None:
-        return "-"
+def _count(client: redis.Redis, digest: str, now: float, fill: str = "", fill_seconds: int = 0) -> list:
+    """The key's cache entry (stored first when absent and ``fill`` is given) and, for a live key, its counts."""
+    minute_key, day_key, spend_key = limits.counter_keys(key_tag(digest), now)
+    return _script(
+        client,
+        "auth",
+        [cache_key(digest), minute_key, day_key, spend_key],
+        [fill, fill_seconds, limits.MINUTE_COUNTER_TTL, limits.DAY_COUNTER_TTL],
+    )
+
+
+def _fill(
+    client: redis.Redis, session_factory, digest: str, now: float, cache_seconds: int, client_id: str, limit: int
+) -> list:
+    """A cache miss: look the key up in SQL, then store and count it; an unknown key is refused."""
+    failures = int(client.get(limits.failures_key(client_id, now)) or 0)
+    if limit:
+        limits.refuse_failures(failures + 1, limit, now)  # no SQL for a client past its limit
+    entry = _lookup(session_factory, digest)
+    if entry is None:
+        _refuse(client, client_id, now, limit, remember=digest)
+    # If a revocation (or new limits) wrote the entry since our SQL read, the script keeps
+    # theirs and answers with it: a fill never replaces an entry.
+    return _count(client, digest, now, entry, cache_seconds)
+
+
+def _refuse(client: redis.Redis, client_id: str, now: float, limit: int, remember: str | None = None) -> NoReturn:
+    """Count a failed authentication for the client and refuse it: 401, or 429 past its limit."""
+    failures_key = limits.failures_key(client_id, now)
+    pipe = client.pipeline(transaction=False)
+    if remember:
+        pipe.set(cache_key(remember), TOMBSTONE, nx=True, ex=UNKNOWN_KEY_CACHE_SECONDS)
+    pipe.incr(failures_key)
+    pipe.expire(failures_key, limits.MINUTE_COUNTER_TTL)
+    failures = pipe.execute()[-2]
+    if limit:
+        limits.refuse_failures(failures, limit, now)
+    raise AuthenticationFailed("Invalid API key.")
+
+
+def _lookup(session_factory, digest: str) -> str | None:
+    """The cache entry for the key from SQL: its fields, the tombstone when revoked, None when unknown."""
+    row = session_factory().scalar(select(ApiKey).where(ApiKey.key_hash == digest))
+    return None if row is None else _entry(row)
+
+
+def _entry(row: ApiKey) -> str:
+    if row.revoked_at is not None:
+        return TOMBSTONE
     expires = row.expires_at
     if expires is not None and expires.tzinfo is None:
         expires = expires.replace(tzinfo=UTC)
@@ -172,14 +314,22 @@ def set_limits(
     per_minute: int | None,
     per_day: int | None,
     spend_per_day_ucr: int | None,
+    cache_seconds: int = DEFAULT_CACHE_SECONDS,
 ) -> ApiKey:
-    """Override a key's limits (None: the server default); effective at once (cache cleared)."""
+    """Override a key's limits (None: the server default); effective at once.
+
+    The new entry is written into the cache after the commit rather than the old one
+    deleted: a request that read the row before the commit fills the cache only where
+    there is no entry, so it cannot bring the old limits back (a delete would leave it
+    the gap to). The write never replaces a revocation's tombstone. Two changes of the
+    same key at the same moment may leave the earlier one cached for ``cache_seconds``.
+    """
     row = session.get(ApiKey, key_id)
     if row is None:
         raise NotFound(f"No API key {key_id}.", param="key_id")
     row.rate_per_minute, row.rate_per_day, row.spend_per_day_ucr = per_minute, per_day, spend_per_day_ucr
     session.commit()
-    client.delete(CACHE + row.key_hash)
+    _script(client, "put", [cache_key(row.key_hash)], [_entry(row), min(cache_seconds, TOMBSTONE_SECONDS)])
     return row
 
 

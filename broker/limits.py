@@ -1,9 +1,14 @@
-"""Per-key request limits (per minute and per day) and an optional daily spend cap, counted in Redis.
+"""Per-key request limits (per minute and per day), an optional daily spend cap, and failed log-ins per client.
 
-The counters are keyed by the API key's hash, so their increments ride in the same
-pipelined round trip as the key lookup: limiting adds no round trip to a request.
-Fixed windows (the minute and the UTC day) keep it to one INCR each; the state is in
-Redis, so the limits hold across any number of web processes.
+The counters are named by the API key's hash tag, so ``keys.authenticate``'s one
+script reads the key's cache entry and counts the request in the same round trip:
+limiting adds no round trip to a request, and only a key the cache names as live is
+ever counted. Fixed windows (the minute and the UTC day) keep it to one INCR each; the
+state is in Redis, so the limits hold across any number of web processes.
+
+Failed authentications are counted per client (its address) in one counter per
+minute, so guessing keys costs Redis one small expiring key per client, not one per
+guess.
 """
 
 from __future__ import annotations
@@ -24,25 +29,19 @@ class Limits:
     spend_per_day_ucr: int  # 0: no cap
 
 
-def _keys(tag: str, now: float) -> tuple[str, str, str]:
+MINUTE_COUNTER_TTL = 120
+DAY_COUNTER_TTL = 2 * DAY
+FAILURES = "authfail:"
+
+
+def counter_keys(tag: str, now: float) -> tuple[str, str, str]:
+    """The key's counters of this minute and day and its spend of the day; ``tag`` is its hash tag."""
     minute, day = int(now // 60), int(now // DAY)
     return f"rl:m:{tag}:{minute}", f"rl:d:{tag}:{day}", f"rl:s:{tag}:{day}"
 
 
-def queue_counts(pipe, tag: str, now: float) -> None:
-    """Count this request (3 commands + 2 expiries) on a pipeline that is about to run."""
-    minute_key, day_key, spend_key = _keys(tag, now)
-    pipe.incr(minute_key)
-    pipe.expire(minute_key, 120)
-    pipe.incr(day_key)
-    pipe.expire(day_key, 2 * DAY)
-    pipe.get(spend_key)
-
-
-def check(limits: Limits, results: list, now: float) -> dict[str, str]:
+def check(limits: Limits, minute_count: int, day_count: int, spent: int, now: float) -> dict[str, str]:
     """Raise ``RateLimited`` (with Retry-After) when a limit is passed; else the X-RateLimit headers."""
-    minute_count, _, day_count, _, spent = results
-    spent = int(spent or 0)
     minute_reset = 60 - int(now) % 60
     day_reset = DAY - int(now) % DAY
     headers = {
@@ -77,6 +76,21 @@ def check(limits: Limits, results: list, now: float) -> dict[str, str]:
 def queue_spend(pipe, tag: str, charged_ucr: int, now: float | None = None) -> None:
     """Add a charge to the key's spend of the day (pipelined with the settle)."""
     if charged_ucr > 0 and tag:
-        _, _, spend_key = _keys(tag, now or time.time())
+        _, _, spend_key = counter_keys(tag, now or time.time())
         pipe.incrby(spend_key, charged_ucr)
         pipe.expire(spend_key, 2 * DAY)
+
+
+def failures_key(client_id: str, now: float) -> str:
+    """The one counter of failed authentications for this client and minute."""
+    return f"{FAILURES}{client_id}:{int(now // 60)}"
+
+
+def refuse_failures(failures: int, limit: int, now: float) -> None:
+    """``RateLimited`` once a client has failed to authenticate more than ``limit`` times this minute."""
+    if failures > limit:
+        raise RateLimited(
+            f"Too many requests with invalid API keys from your address: at most {limit} a minute.",
+            code="too_many_failed_authentications",
+            headers={"Retry-After": str(60 - int(now) % 60)},
+        )

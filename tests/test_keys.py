@@ -40,7 +40,7 @@ def test_both_auth_headers_work(client, tenant):
 def test_revoked_key_is_refused_at_once_despite_the_cache(client, app, tenant):
     svc = app.extensions["broker"]
     assert client.post("/v1/chat/completions", json=CHAT, headers=tenant.headers).status_code == 200
-    assert svc.redis.get("apikey:" + keys.hash_key(tenant.key))  # cached now
+    assert svc.redis.get(keys.cache_key(keys.hash_key(tenant.key)))  # cached now
     keys.revoke_key(svc.db(), svc.redis, tenant.account_id, tenant.key_id)
     response = client.post("/v1/chat/completions", json=CHAT, headers=tenant.headers)
     assert response.status_code == 401

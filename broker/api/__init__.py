@@ -31,7 +31,13 @@ def authenticate() -> None:
         )
         return
     g.caller, g.rate_headers = keys.authenticate(
-        svc.redis, svc.db, presented_key(), config["KEY_CACHE_SECONDS"], config["DEFAULT_LIMITS"]
+        svc.redis,
+        svc.db,
+        presented_key(),
+        config["KEY_CACHE_SECONDS"],
+        config["DEFAULT_LIMITS"],
+        client_id=request.remote_addr or "",
+        failures_per_minute=config["AUTH_FAILURES_PER_MINUTE"],
     )
 
 
@@ -57,7 +63,13 @@ def replay_idempotent():
     idempotency_key = request.headers.get("Idempotency-Key")
     if request.method != "POST" or not idempotency_key:
         return None
-    key, stored = idempotency.begin(services().redis, g.caller.account_id, idempotency_key, request.get_data())
+    key, stored = idempotency.begin(
+        services().redis,
+        g.caller.account_id,
+        idempotency_key,
+        request.get_data(),
+        current_app.config["IDEMPOTENCY_KEYS_PER_ACCOUNT"],
+    )
     if stored is None:
         g.idempotency_key = key
         return None
@@ -72,7 +84,15 @@ def keep_idempotent(response: Response) -> Response:
     if key is not None:
         data = None if response.is_streamed else response.get_data()
         headers = {name: response.headers[name] for name in KEPT_HEADERS if name in response.headers}
-        idempotency.finish(services().redis, key, request.get_data(), response.status_code, headers, data)
+        idempotency.finish(
+            services().redis,
+            key,
+            request.get_data(),
+            response.status_code,
+            headers,
+            data,
+            current_app.config["IDEMPOTENCY_MAX_BODY_BYTES"],
+        )
     return response
 
 

@@ -114,7 +114,18 @@ def create_key():
     session = svc.db()
     name = request.form.get("name", "").strip()[:100]
     account = session.get(Account, _account_id())
-    _, plain = keys.create_key(session, account, name, source="web")
+    try:
+        _, plain = keys.create_key(
+            session, account, name, source="web", max_active=current_app.config["MAX_KEYS_PER_ACCOUNT"]
+        )
+    except BrokerError as error:
+        # Shown on the keys page (a whole page load, so the flashed message appears).
+        flash(error.message, "error")
+        if is_partial():
+            response = make_response("", 204)
+            response.headers["HX-Redirect"] = url_for("dashboard.keys_page")
+            return response
+        return redirect(url_for("dashboard.keys_page"), code=303)
     return render("dashboard/keys.html", "dashboard/_keys.html", keys=_keys(), created={"name": name, "key": plain})
 
 
