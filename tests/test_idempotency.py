@@ -98,3 +98,46 @@ def test_media_submit_replays_the_same_job(app, client, tenant):
     assert first.json["id"] == second.json["id"] and second.headers["Location"] == first.headers["Location"]
     jobs = client.get("/v1/jobs", headers=tenant.headers).json["data"]
     assert len(jobs) == 1
+
+
+def test_a_response_over_the_size_cap_is_not_kept_so_a_retry_runs_again(app, client, tenant, upstream):
+    app.config["IDEMPOTENCY_MAX_BODY_BYTES"] = 200  # a chat completion is larger
+    headers = {**tenant.headers, "Idempotency-Key": "big-answer"}
+    first = client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert first.status_code == 200 and len(first.get_data()) > 200
+    again = client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert again.status_code == 200 and "Idempotent-Replayed" not in again.headers
+    assert len(upstream.requests) == 2
+    assert not app.extensions["broker"].redis.keys(f"idem:{tenant.account_id}:[0-9a-f]*")
+
+
+def test_an_account_cannot_hold_more_than_the_cap_of_idempotency_keys(app, client, tenant):
+    """Cheap refused requests (a 400 is kept too) cannot pile up stored replies without end."""
+    from tests.conftest import make_tenant
+
+    app.config["IDEMPOTENCY_KEYS_PER_ACCOUNT"] = 3
+    r = app.extensions["broker"].redis
+    answers = [
+        client.post("/v1/chat/completions", json={}, headers={**tenant.headers, "Idempotency-Key": f"junk-{n}"})
+        for n in range(6)
+    ]
+    assert [a.status_code for a in answers] == [400, 400, 400, 429, 429, 429]
+    refused = answers[3]
+    assert refused.json["error"]["code"] == "too_many_idempotency_keys"
+    assert 0 < int(refused.headers["Retry-After"]) <= 24 * 3600
+    assert len(r.keys(f"idem:{tenant.account_id}:[0-9a-f]*")) == 3
+    replay = client.post("/v1/chat/completions", json={}, headers={**tenant.headers, "Idempotency-Key": "junk-0"})
+    assert replay.status_code == 400 and replay.headers["Idempotent-Replayed"] == "true"
+    assert client.post("/v1/chat/completions", json=CHAT, headers=tenant.headers).status_code == 200  # none: fine
+    other = make_tenant()
+    theirs = client.post("/v1/chat/completions", json=CHAT, headers={**other.headers, "Idempotency-Key": "junk-0"})
+    assert theirs.status_code == 200
+
+
+def test_a_key_that_was_not_kept_frees_its_place(app, client, tenant, upstream):
+    app.config["IDEMPOTENCY_KEYS_PER_ACCOUNT"] = 1
+    upstream.queue(Reply(status=500), Reply(status=500), Reply(status=500))
+    failed = client.post("/v1/chat/completions", json=CHAT, headers={**tenant.headers, "Idempotency-Key": "a"})
+    assert failed.status_code == 502
+    kept = client.post("/v1/chat/completions", json=CHAT, headers={**tenant.headers, "Idempotency-Key": "b"})
+    assert kept.status_code == 200
