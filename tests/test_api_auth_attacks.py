@@ -19,6 +19,7 @@ from sqlalchemy import event
 from broker import accounts, keys, limits
 from broker.limits import Limits
 from tests.conftest import make_tenant
+from tests.test_cluster import cluster  # noqa: F401  (its three-node Redis Cluster fixture)
 
 CLIENT_A = {"REMOTE_ADDR": "203.0.113.7"}
 CLIENT_B = {"REMOTE_ADDR": "198.51.100.9"}
@@ -251,3 +252,31 @@ def test_no_request_after_revoke_returns_ever_succeeds(app, live_server):
         thread.join(10)
         assert racing and racing[0] in (200, 401)
     assert late_successes == 0
+
+
+def test_authentication_runs_unchanged_on_redis_cluster(request, tmp_path):
+    """The script's keys share a slot and the refusal's pipeline spans nodes: all of it on a real cluster."""
+    from redis.cluster import RedisCluster
+
+    from broker import db, migrations
+    from broker.errors import AuthenticationFailed
+
+    url = f"sqlite:///{tmp_path / 'cluster.db'}"
+    migrations.upgrade(url)
+    sessions = db.make_session_factory(db.make_engine(url))
+    account = accounts.create_account(sessions(), "cluster@example.com")
+    row, plain = keys.create_key(sessions(), account, "on a cluster")
+    ports = request.getfixturevalue("cluster")
+    client = RedisCluster(host="127.0.0.1", port=ports[0], decode_responses=True)
+    defaults = Limits(100, 1000, 0)
+    for remaining in ("99", "98"):  # a miss (SQL, fill) and a hit
+        caller, headers = keys.authenticate(client, sessions, plain, 300, defaults, "192.0.2.1")
+        assert caller.key_id == row.id and headers["X-RateLimit-Remaining"] == remaining
+    with pytest.raises(AuthenticationFailed):
+        keys.authenticate(client, sessions, keys.generate(), 300, defaults, "192.0.2.1")
+    keys.set_limits(sessions(), client, row.id, 7, None, None)
+    assert keys.authenticate(client, sessions, plain, 300, defaults, "192.0.2.1")[1]["X-RateLimit-Limit"] == "7"
+    keys.revoke_key(sessions(), client, account.id, row.id)
+    with pytest.raises(AuthenticationFailed):
+        keys.authenticate(client, sessions, plain, 300, defaults, "192.0.2.1")
+    client.close()
