@@ -11,11 +11,13 @@ from decimal import Decimal, InvalidOperation
 import click
 from flask import current_app
 from flask.cli import AppGroup
+from sqlalchemy import or_, select
 from werkzeug.serving import run_simple
 
 from broker import accounts, billing, keys, migrations, pricing
 from broker.errors import BrokerError
 from broker.extensions import services
+from broker.models import Account, ApiKey
 
 broker_cli = AppGroup("broker", help="Operate the broker: accounts, keys, credits, ledger.")
 
@@ -239,3 +241,52 @@ def limit_key(key_id: int, per_minute: int | None, per_day: int | None, credits_
         _fail(error)
     shown = [per_minute or "default", per_day or "default", credits_per_day or "default"]
     click.echo(f"key {key_id}: {shown[0]}/minute, {shown[1]}/day, spend cap {shown[2]} credits/day")
+
+
+@broker_cli.command("review-keys")
+@click.option("--revoke", is_flag=True, help="Revoke every key listed.")
+def review_keys(revoke: bool) -> None:
+    """List the keys that may have been made by someone who logged into a passwordless account.
+
+    Before the account-security release anyone could log into an account without a password
+    (``/v1/register``, ``create-user`` without ``--password``, the dev demo). Listed: the
+    unrevoked keys of such accounts that were made in a web session, or before key sources
+    were recorded. Review them with their owners; ``--revoke`` (or ``revoke-key ID``) ends them.
+    """
+    svc = services()
+    session = svc.db()
+    rows = session.execute(
+        select(ApiKey, Account)
+        .join(Account, Account.id == ApiKey.account_id)
+        .where(
+            Account.legacy_passwordless.is_(True),
+            ApiKey.revoked_at.is_(None),
+            or_(ApiKey.source.is_(None), ApiKey.source == "web"),
+        )
+        .order_by(ApiKey.id)
+    ).all()
+    for key, account in rows:
+        last_used = f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "never used"
+        click.echo(
+            f"{key.id}\t{account.email}\t{key.prefix}…\t{key.name or '-'}\t"
+            f"made {key.created_at:%Y-%m-%d %H:%M} ({key.source or 'source unknown'})\t{last_used}"
+        )
+        if revoke:
+            keys.revoke_key(session, svc.redis, account.id, key.id)
+    if not rows:
+        click.echo("no keys to review")
+    elif revoke:
+        click.echo(f"revoked {len(rows)} keys")
+
+
+@broker_cli.command("revoke-key")
+@click.argument("key_id", type=int)
+def revoke_key(key_id: int) -> None:
+    """Revoke one API key by id, effective at once."""
+    svc = services()
+    session = svc.db()
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        raise click.ClickException(f"no API key {key_id}")
+    keys.revoke_key(session, svc.redis, row.account_id, key_id)
+    click.echo(f"key {key_id} ({row.prefix}…) revoked")

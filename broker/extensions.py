@@ -8,7 +8,7 @@ from pathlib import Path
 
 import redis
 import stripe
-from flask import Flask, current_app
+from flask import Flask, Response, current_app, g
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_login import LoginManager
@@ -180,6 +180,15 @@ def init_web(app: Flask, redis_url: str) -> None:
     login_manager.init_app(app)
     login_manager.login_view = "auth.login"
     csrf.init_app(app)
+
+    # After-request functions run in reverse order of registration, so this one runs after
+    # flask-limiter's, which would replace a view's own Retry-After with its window's end.
+    @app.after_request
+    def _view_retry_after(response: Response) -> Response:
+        if "retry_after" in g:
+            response.headers["Retry-After"] = str(g.retry_after)
+        return response
+
     limiter.init_app(app)
     talisman.init_app(
         app,

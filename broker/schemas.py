@@ -379,7 +379,7 @@ class PurchaseList(BaseModel):
 
 
 class RegisterRequest(BaseModel):
-    """``POST /v1/register``: an account and its first API key from an email address."""
+    """``POST /v1/register``: an account from an email address, confirmed by an emailed link."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -388,7 +388,5 @@ class RegisterRequest(BaseModel):
 
 class Registration(BaseModel):
     object: Literal["registration"]
-    email: str
-    api_key: str | None = Field(description="Shown once; null when the email was already registered")
-    trial_credits: str
+    email: str = Field(description="The address, normalised; the same answer whether or not it was known")
     message: str

@@ -1,12 +1,18 @@
-"""Self-serve registration, ``POST /v1/register``: the one /v1 route that takes no API key."""
+"""Self-serve registration, ``POST /v1/register``: the one /v1 route that takes no API key.
+
+It always answers ``202`` the same way, so it tells nobody whether an address has an
+account. A new address gets an email with a single-use link that confirms it and shows
+the first API key once, on the page (a key never travels in an email); a known address
+gets a note to log in or set a password.
+"""
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, jsonify, request
 
-from broker import accounts, keys, pricing
+from broker import account_mail, accounts
 from broker.api import parse
 from broker.api.openapi import operation
 from broker.errors import Conflict
@@ -15,51 +21,43 @@ from broker.schemas import RegisterRequest, Registration
 
 bp = Blueprint("onboarding", __name__, url_prefix="/v1")
 
+REGISTERED = (
+    "Check your inbox: we emailed a link that confirms the address and shows your first API key once. "
+    "If the address already has an account, the email says how to log in instead."
+)
+
+
+def _email_key() -> str:
+    body = request.get_json(silent=True)
+    email = body.get("email") if isinstance(body, dict) else None
+    return "register:" + hashlib.sha256(str(email).strip().lower().encode()).hexdigest()[:32]
+
 
 @bp.post("/register")
 @limiter.limit(lambda: current_app.config["REGISTER_RATE_LIMIT"])
+@limiter.limit("3/hour", key_func=_email_key)
 @operation(
-    summary="Register: an account and its first API key",
-    description="The key is returned once. An email that is already registered gets the same answer without a "
-    "key (log in to the dashboard to make keys). Limited per IP address.",
+    summary="Register: an account, confirmed by email, and its first API key",
+    description="Always `202`, whether or not the address is known. The email holds a single-use link "
+    "(valid 48 h) that confirms the address, grants any trial credits and shows the first API key once. "
+    "Limited per IP address and per email address.",
     tag="Account",
     body=RegisterRequest,
     response=Registration,
-    status=201,
+    status=202,
     errors=("400", "422", "429", "503"),
     auth=False,
 )
 def register():
-    svc = services()
     req = parse(RegisterRequest)
-    session = svc.db()
-    trial = pricing.credits_to_ucr(current_app.config["TRIAL_CREDITS"])
     email = accounts.normalise_email(req.email)
     try:
-        account = accounts.create_account(session, email, source="register")
+        account = accounts.create_account(services().db(), email, source="register", verified=False)
     except Conflict:
-        return _answer(email, None, trial)
-    _, plain = keys.create_key(session, account, "registered", source="register")
-    if trial:
-        svc.ledger.grant(session, account.id, trial, f"trial-{uuid.uuid4().hex}", "trial credits")
-    return _answer(email, plain, trial)
-
-
-def _answer(email: str, key: str | None, trial: int):
-    message = (
-        "Your account is ready. Keep this key secret: it is shown only now."
-        if key
-        else "This email is already registered. Log in to the dashboard to create API keys."
-    )
-    response = jsonify(
-        {
-            "object": "registration",
-            "email": email,
-            "api_key": key,
-            "trial_credits": pricing.format_credits(trial if key else 0),
-            "message": message,
-        }
-    )
-    response.status_code = 201
+        account_mail.send_already_registered(email)
+    else:
+        account_mail.send_verification(account)
+    response = jsonify({"object": "registration", "email": email, "message": REGISTERED})
+    response.status_code = 202
     response.headers["Cache-Control"] = "no-store"
     return response

@@ -12,10 +12,12 @@ import hmac
 import re
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 
 import redis
 from sqlalchemy import select
 
+from broker.accounts import MARKETPLACE_DOMAIN
 from broker.errors import AuthenticationFailed, RateLimited
 from broker.keys import Caller
 from broker.models import Account
@@ -50,16 +52,19 @@ def _account_id(client: redis.Redis, session_factory, user: str) -> int:
     if cached:
         return int(cached)
     session = session_factory()
-    email = f"{user.lower()}@users.rapidapi.invalid"
+    email = f"{user.lower()}@{MARKETPLACE_DOMAIN}"
     account = session.scalar(select(Account).where(Account.email == email))
     if account is None:
-        account = Account(email=email, source="rapidapi")
+        account = Account(email=email, source="rapidapi", email_verified_at=datetime.now(UTC))
         session.add(account)
         try:
             session.commit()
         except Exception:
             session.rollback()
             account = session.scalar(select(Account).where(Account.email == email))
+    if account.source != "rapidapi":
+        # Not one of ours: nobody may stand in for a marketplace user (the domain is reserved).
+        raise AuthenticationFailed("Missing or invalid X-RapidAPI-User.", code="invalid_marketplace_user")
     client.set(CACHE + user, account.id, ex=3600)
     return account.id
 

@@ -29,6 +29,7 @@ from broker.errors import BrokerError, NotFound
 from broker.extensions import services
 from broker.hosts import return_url
 from broker.models import Account, ApiKey, Job, UsageRecord
+from broker.web.auth import verified_required
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 PAGE = 20
@@ -38,6 +39,13 @@ PAGE = 20
 @login_required
 def _require_login() -> None:
     """Every dashboard route needs a logged-in account."""
+
+
+@bp.after_request
+def _no_store(response: Response) -> Response:
+    """Balances, keys (a new key above all) and receipts are never cached, nor replayed from history."""
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def is_partial() -> bool:
@@ -109,6 +117,7 @@ def keys_page():
 
 
 @bp.post("/keys")
+@verified_required
 def create_key():
     svc = services()
     session = svc.db()
@@ -318,6 +327,7 @@ def billing():
 
 
 @bp.post("/billing/checkout")
+@verified_required
 def checkout():
     """Start a Stripe Checkout for a pack or a custom amount, and send the browser there."""
     svc = services()
