@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -58,13 +59,20 @@ def test_public_pages_render_and_are_screenshotted(live_server, browser_page):
     shot(page, "landing-phone")
 
 
-def test_sign_up_key_call_usage_revoke(live_server, browser_page, app):
+def test_sign_up_key_call_usage_revoke(live_server, browser_page, app, mailbox):
     page = browser_page
     page.goto(live_server + "/signup")
     page.fill("#email", "browser@example.com")
     page.fill("#password", PASSWORD)
     page.click("button[type=submit]")
     page.wait_for_url("**/login")
+    # The emailed link, followed as from the inbox, confirms the address (keys need it).
+    body = mailbox.wait_for("browser@example.com").get_content()
+    link = re.search(r"https?://\S+", body).group(0)
+    page.goto(live_server + urlsplit(link).path)
+    page.click("text=Confirm my email")
+    page.wait_for_selector("text=Email confirmed")
+    page.goto(live_server + "/login")
     page.fill("#email", "browser@example.com")
     page.fill("#password", PASSWORD)
     page.click("button[type=submit]")
