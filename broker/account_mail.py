@@ -11,7 +11,7 @@ import logging
 
 from flask import current_app, render_template, url_for
 
-from broker import accounts, tokens
+from broker import accounts, hosts, tokens
 from broker.extensions import services
 from broker.models import Account
 
@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def _link(endpoint: str, **values) -> str:
-    return url_for(endpoint, _external=True, **values)
+    # PUBLIC_URL (or a trusted host), never the Host a client sent: a link to the sender's
+    # own host would hand them the token (password-reset poisoning).
+    return hosts.public_base_url() + url_for(endpoint, **values)
 
 
 def send(to: str, template: str, subject: str, **context) -> None:

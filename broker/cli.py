@@ -36,6 +36,8 @@ def create_user(email: str, password: str | None) -> None:
     except BrokerError as error:
         _fail(error)
     click.echo(f"created account {account.id} for {account.email}")
+    if password is None:
+        click.echo("it has no password: its owner sets one with the emailed link from /password/forgot")
 
 
 @broker_cli.command("create-key")
@@ -46,9 +48,9 @@ def create_key(email: str, name: str) -> None:
     session = services().db()
     try:
         account = accounts.get_by_email(session, email)
+        _, plain = keys.create_key(session, account, name, max_active=current_app.config["MAX_KEYS_PER_ACCOUNT"])
     except BrokerError as error:
         _fail(error)
-    _, plain = keys.create_key(session, account, name)
     click.echo(plain)
 
 

@@ -215,6 +215,16 @@ def test_the_password_request_answers_the_same_for_known_and_unknown_emails(app,
     assert "no account" in unknown and "/password/reset/" not in unknown
 
 
+def test_emailed_links_point_at_public_url_whatever_host_the_request_names(app, client, mailbox):
+    """Password-reset poisoning: a forged Host must not receive the victim's token."""
+    app.config["PUBLIC_URL"] = "https://broker.example"
+    make_account(app, "victim@example.com")
+    post_form(client, "/password/forgot", {"email": "victim@example.com"}, headers={"Host": "evil.example"})
+    assert link_in(mailbox.wait_for("victim@example.com")).startswith("https://broker.example/password/reset/")
+    client.post("/v1/register", json={"email": "new@example.com"}, headers={"Host": "evil.example"})
+    assert link_in(mailbox.wait_for("new@example.com")).startswith("https://broker.example/verify/")
+
+
 def test_password_requests_are_limited_per_email_and_per_client(app, client, mailbox):
     make_account(app, "bombed@example.com")
     statuses = [post_form(client, "/password/forgot", {"email": "bombed@example.com"}).status_code for _ in range(4)]

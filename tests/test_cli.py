@@ -50,3 +50,13 @@ def test_migrate_reaches_a_schema_identical_to_the_models(tmp_path, runner, app)
     assert diff == []
     result = runner.invoke(args=["broker", "migrate"])
     assert result.exit_code == 0 and "head" in result.output
+
+
+def test_create_key_keeps_to_the_cap_on_active_keys(runner, app):
+    app.config["MAX_KEYS_PER_ACCOUNT"] = 2
+    created = runner.invoke(args=["broker", "create-user", "capped@example.com"])
+    assert "emailed link" in created.output  # no password: how its owner gets one
+    made = [runner.invoke(args=["broker", "create-key", "capped@example.com"]) for _ in range(3)]
+    assert [m.exit_code for m in made[:2]] == [0, 0] and made[2].exit_code != 0
+    assert "already has 2 active API keys" in made[2].output
+    assert not keys.well_formed(made[2].output.strip())
