@@ -313,6 +313,7 @@ class Bench:
             "BROKER_ENV": "production",
             "SECRET_KEY": secrets.token_urlsafe(48),
             "TRUSTED_HOSTS": "127.0.0.1",  # the address the bench sends its requests to
+            "MAIL_URL": "smtp://127.0.0.1:25",  # production requires one; the bench sends no mail
             "INSTANCE_PATH": str(self.work / "instance"),
             "DATABASE_URL": db_url,
             "REDIS_URL": self.redis_server.url,

@@ -536,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                     "BROKER_ENV": "production",
                     "SECRET_KEY": secrets.token_urlsafe(48),
                     "TRUSTED_HOSTS": "127.0.0.1",  # the address the bench sends its requests to
+                    "MAIL_URL": "smtp://127.0.0.1:25",  # production requires one; the bench sends no mail
                     "INSTANCE_PATH": str(work / "instance"),
                     "DATABASE_URL": db_url,
                     "REDIS_URL": redis_server.url,
