@@ -216,6 +216,7 @@ class Purchase(Base):
     shortfall_ucr: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    receipt_url: Mapped[str | None] = mapped_column(String(500))  # the Stripe charge's receipt, once paid
 
     __table_args__ = (UniqueConstraint("provider", "external_id"),)
 
