@@ -120,7 +120,14 @@ class UsageRecord(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index("ix_usage_account_started", "account_id", "started_at"),)
+    # Each list query (newest first, by id) has an index that matches it: all, by model, by key, by endpoint.
+    __table_args__ = (
+        Index("ix_usage_account_started", "account_id", "started_at"),
+        Index("ix_usage_account_id", "account_id", "id"),
+        Index("ix_usage_account_model_id", "account_id", "model", "id"),
+        Index("ix_usage_account_key_id", "account_id", "key_id", "id"),
+        Index("ix_usage_account_endpoint_id", "account_id", "endpoint", "id"),
+    )
 
 
 class Job(Base):
@@ -176,7 +183,12 @@ class JobResult(Base):
 
 
 class UsageDaily(Base):
-    """Per account, day and model: requests and credits, rolled up from usage records for charts."""
+    """Per account, day, model, key and endpoint: requests and credits, rolled up from usage records.
+
+    Kept current as records are stored (``broker.usage.store_records``), so totals and charts
+    never scan the records. ``key_id`` 0 stands for "no key". ``first_id``/``last_id`` bound
+    the record ids of the bucket, so a list limited to a period reads only that period's ids.
+    """
 
     __tablename__ = "usage_daily"
 
@@ -184,10 +196,14 @@ class UsageDaily(Base):
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
     day: Mapped[date] = mapped_column(Date)
     model: Mapped[str] = mapped_column(String(100))
+    key_id: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    endpoint: Mapped[str] = mapped_column(String(40), default="chat", server_default="chat")
     requests: Mapped[int] = mapped_column(Integer, default=0)
     charged_ucr: Mapped[int] = mapped_column(BigInteger, default=0)
+    first_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    last_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
-    __table_args__ = (UniqueConstraint("account_id", "day", "model"),)
+    __table_args__ = (UniqueConstraint("account_id", "day", "model", "key_id", "endpoint"),)
 
 
 class Purchase(Base):
