@@ -15,6 +15,14 @@ ROOT = Path(__file__).resolve().parent
 ENVIRONMENTS = ("development", "production", "testing")
 DEV_SECRET_KEY = "dev-only-insecure-secret"
 MAKE_SECRET_KEY = 'python -c "import secrets; print(secrets.token_urlsafe(48))"'
+# Who runs the service, as the terms and privacy pages name them. Outside production, unset ones get
+# these values, which the pages mark as a demo; production refuses to start without real ones.
+OPERATOR_SETTINGS = ("OPERATOR_NAME", "OPERATOR_CONTACT", "OPERATOR_JURISDICTION")
+DEMO_OPERATOR = {
+    "OPERATOR_NAME": "Example Operator (demo)",
+    "OPERATOR_CONTACT": "operator@example.invalid",
+    "OPERATOR_JURISDICTION": "the demo jurisdiction (not a real one)",
+}
 
 
 def _bool(value: str | None, default: bool = False) -> bool:
@@ -31,6 +39,18 @@ def _check_secret_key(key: str) -> None:
             "SECRET_KEY must be a long random value when BROKER_ENV=production: at least 32 characters, "
             f"at least 10 of them different, not the development default. Make one with: {MAKE_SECRET_KEY}"
         )
+
+
+def _check_operator(config: dict) -> None:
+    """The terms bind the customer to a named operator: production never shows them a placeholder."""
+    missing = [name for name in OPERATOR_SETTINGS if not str(config[name] or "").strip()]
+    if missing:
+        raise RuntimeError(
+            f"{', '.join(missing)} must be set when BROKER_ENV=production: the terms of use and the privacy page "
+            "name the operator (legal name), a contact email and the governing law's jurisdiction"
+        )
+    if "@" not in config["OPERATOR_CONTACT"]:
+        raise RuntimeError("OPERATOR_CONTACT must be an email address, e.g. support@broker.example.com")
 
 
 def _trusted_hosts(config: dict) -> list[str] | None:
@@ -59,8 +79,10 @@ def load(overrides: dict | None = None) -> dict:
     """Build the Flask config mapping from the environment, then apply ``overrides``.
 
     Every setting and its default is listed here and in the README. Production
-    fails fast without a strong ``SECRET_KEY``, without ``REDIS_URL`` and without
-    ``PUBLIC_URL`` or ``TRUSTED_HOSTS``, and never starts an embedded Redis.
+    fails fast without a strong ``SECRET_KEY``, without ``REDIS_URL``, without
+    ``PUBLIC_URL`` or ``TRUSTED_HOSTS`` and without the ``OPERATOR_*`` settings, and never
+    starts an embedded Redis. Elsewhere unset ``OPERATOR_*`` settings get marked demo values
+    (``OPERATOR_DEMO`` is then true).
     """
     load_dotenv(ROOT / ".env", override=False)
     env = os.environ.get
@@ -162,6 +184,8 @@ def load(overrides: dict | None = None) -> dict:
         "MAIL_FROM": env("MAIL_FROM", "AI API Broker <no-reply@localhost>"),
         # A PEM bundle of a private CA that signs the SMTP server's certificate; unset: the system's CAs.
         "MAIL_TLS_CA_FILE": env("MAIL_TLS_CA_FILE", ""),
+        # The terms and privacy pages: the operator's legal name, contact email, and governing law.
+        **{name: env(name, "").strip() for name in OPERATOR_SETTINGS},
     }
     config.update(overrides or {})
     if isinstance(config["RAPIDAPI_PLANS"], str):
@@ -177,8 +201,12 @@ def load(overrides: dict | None = None) -> dict:
                 "MAIL_URL must be set when BROKER_ENV=production (e.g. smtps://USER:PASSWORD@smtp.example.com): "
                 "sign-up and password links are sent by email"
             )
+        _check_operator(config)
     elif not config["SECRET_KEY"]:
         config["SECRET_KEY"] = DEV_SECRET_KEY
+    config["OPERATOR_DEMO"] = not all(config[name] for name in OPERATOR_SETTINGS)
+    for name in OPERATOR_SETTINGS:
+        config[name] = config[name] or DEMO_OPERATOR[name]
     config["TRUSTED_HOSTS"] = _trusted_hosts(config)
     provider_keys = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY", "ELEVENLABS_API_KEY", "SUNO_API_KEY")
     no_keys = not any(config[k] for k in provider_keys)

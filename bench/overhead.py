@@ -537,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
                     "SECRET_KEY": secrets.token_urlsafe(48),
                     "TRUSTED_HOSTS": "127.0.0.1",  # the address the bench sends its requests to
                     "MAIL_URL": "smtp://127.0.0.1:25",  # production requires one; the bench sends no mail
+                    "OPERATOR_NAME": "Bench Operator",  # production requires the three OPERATOR_* settings
+                    "OPERATOR_CONTACT": "bench@example.com",
+                    "OPERATOR_JURISDICTION": "nowhere in particular",
                     "INSTANCE_PATH": str(work / "instance"),
                     "DATABASE_URL": db_url,
                     "REDIS_URL": redis_server.url,

@@ -43,6 +43,12 @@ PROVIDER_KEYS = {
 STRIPE_WEBHOOK_SECRET = "whsec_test_secret_0007"
 COINBASE_WEBHOOK_SECRET = "cb-test-secret-0008"
 RAPIDAPI_SECRET = "rapid-test-secret-0009"
+# Who runs the service (the terms and privacy pages); production refuses to start without them.
+OPERATOR = {
+    "OPERATOR_NAME": "Test Operator Ltd",
+    "OPERATOR_CONTACT": "support@broker.test",
+    "OPERATOR_JURISDICTION": "England and Wales",
+}
 
 
 # -- database backends ----------------------------------------------------------
@@ -236,6 +242,7 @@ def app_config(tmp_path, redis_url: str, upstream: FakeUpstream, db_url: str, st
         "MAIL_FROM": MAIL_FROM,
         "MAIL_TLS_CA_FILE": shared_smtp().ca_file,
         **PROVIDER_KEYS,
+        **OPERATOR,
     }
 
 

@@ -239,7 +239,7 @@ def test_password_requests_are_limited_per_email_and_per_client(app, client, mai
 
 def test_sign_up_needs_the_emailed_link_before_keys_and_buying_and_grants_trial_credits_then(app, client, mailbox):
     app.config["TRIAL_CREDITS"] = Decimal("3")
-    signed = post_form(client, "/signup", {"email": "fresh@example.com", "password": PASSWORD})
+    signed = post_form(client, "/signup", {"email": "fresh@example.com", "password": PASSWORD, "accept_terms": "y"})
     assert signed.status_code == 302
     account = accounts.get_by_email(db(app), "fresh@example.com")
     assert account.email_verified_at is None
@@ -450,7 +450,7 @@ BAD_EMAILS = ["<b>x</b>@example.com", "a\u0007b@example.com", "p\u0430ypal@examp
 @pytest.mark.parametrize("email", BAD_EMAILS)
 def test_one_validator_refuses_html_control_characters_look_alikes_and_reserved_domains(app, client, runner, email):
     assert client.post("/v1/register", json={"email": email}).status_code == 422
-    assert post_form(client, "/signup", {"email": email, "password": PASSWORD}).status_code == 400
+    assert post_form(client, "/signup", {"email": email, "password": PASSWORD, "accept_terms": "y"}).status_code == 400
     assert runner.invoke(args=["broker", "create-user", email]).exit_code != 0
     assert db(app).scalar(select(func.count()).select_from(Account)) == 0
 

@@ -64,6 +64,7 @@ def test_sign_up_key_call_usage_revoke(live_server, browser_page, app, mailbox):
     page.goto(live_server + "/signup")
     page.fill("#email", "browser@example.com")
     page.fill("#password", PASSWORD)
+    page.check("#accept_terms")
     page.click("button[type=submit]")
     page.wait_for_url("**/login")
     # The emailed link, followed as from the inbox, confirms the address (keys need it).

@@ -15,7 +15,7 @@ import trustme
 import config as config_module
 from broker.extensions import services
 from broker.mail import FileMailer, MailError, SmtpMailer, make_mailer
-from tests.conftest import MAIL_FROM
+from tests.conftest import MAIL_FROM, OPERATOR
 from tests.fakes.smtp import SMTP_PASSWORD, SMTP_USER, FakeSmtp
 
 STRONG_KEY = "x7Gq2LmZ9pR4vT8wK1nB5cY3hJ6dF0sA-production-key"
@@ -129,6 +129,7 @@ def test_production_refuses_to_start_without_mail_url():
         "SECRET_KEY": STRONG_KEY,
         "REDIS_URL": "redis://127.0.0.1:6399/0",
         "PUBLIC_URL": "https://broker.example.com",
+        **OPERATOR,
     }
     with pytest.raises(RuntimeError, match="MAIL_URL must be set"):
         config_module.load({**settings, "MAIL_URL": ""})

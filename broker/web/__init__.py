@@ -1,12 +1,14 @@
-"""Public pages: landing, pricing (from the price table), terms (from TERMS.md), and health checks."""
+"""Public pages: landing, pricing (from the price table), terms (from TERMS.md), privacy, and health checks."""
 
 from __future__ import annotations
 
 import hmac
+import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import quote
 
 import markdown
 from flask import Blueprint, Response, abort, current_app, jsonify, render_template, request
@@ -19,8 +21,11 @@ from broker.extensions import services
 from broker.ledger import EXPIRY
 from broker.models import Job
 from broker.pricing import ModelPrice, price_summary
+from broker.web import errors
 
 bp = Blueprint("public", __name__)
+# HTTP errors outside /v1 become pages in the site's layout (the API's handler calls this hook).
+bp.record_once(lambda state: errors.init_app(state.app))
 
 KINDS = {
     "chat": "Chat",
@@ -173,15 +178,50 @@ def price_list() -> tuple[list[tuple[str, str, list[PricedModel]]], Decimal, Dec
     return [(kind, KINDS.get(kind, kind), models) for kind, models in groups.items() if models], markup, credit_usd
 
 
+# TERMS.md names the operator with placeholders, filled from configuration (config.OPERATOR_SETTINGS).
+OPERATOR_PLACEHOLDER = re.compile(r"\[Operator: ([^\]]+)\]")
+PLACEHOLDER_SETTINGS = {
+    "legal name": "OPERATOR_NAME",
+    "contact email": "OPERATOR_CONTACT",
+    "jurisdiction": "OPERATOR_JURISDICTION",
+}
+
+
+def _markdown_text(value: str) -> str:
+    """A configured value as literal Markdown text: no HTML, no emphasis or links of its own."""
+    value = value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([\\`*_\[\]#])", r"\\\1", value)
+
+
+def fill_operator(source: str, operator: dict[str, str]) -> str:
+    """TERMS.md with every ``[Operator: …]`` placeholder replaced; an unknown one is an error, never shown."""
+
+    def replace(match: re.Match) -> str:
+        setting = PLACEHOLDER_SETTINGS.get(match.group(1).strip())
+        if setting is None:
+            raise RuntimeError(f"TERMS.md has a placeholder no setting fills: {match.group(0)}")
+        value = _markdown_text(operator[setting])
+        if setting == "OPERATOR_CONTACT":
+            return f"[{value}](mailto:{quote(operator[setting], safe='@')})"
+        return value
+
+    return OPERATOR_PLACEHOLDER.sub(replace, source)
+
+
 @lru_cache(maxsize=4)
-def _render_markdown(path: Path, mtime: float) -> Markup:
-    html = markdown.markdown(path.read_text(encoding="utf-8"), extensions=["tables", "sane_lists", "toc"])
+def _render_markdown(path: Path, mtime: float, operator: tuple[tuple[str, str], ...]) -> Markup:
+    source = fill_operator(path.read_text(encoding="utf-8"), dict(operator))
+    html = markdown.markdown(source, extensions=["tables", "sane_lists", "toc"])
     return Markup(html)
+
+
+def operator_settings() -> dict[str, str]:
+    return {name: current_app.config[name] for name in PLACEHOLDER_SETTINGS.values()}
 
 
 def terms_html() -> Markup:
     path = ROOT / "TERMS.md"
-    return _render_markdown(path, path.stat().st_mtime)
+    return _render_markdown(path, path.stat().st_mtime, tuple(sorted(operator_settings().items())))
 
 
 @bp.get("/")
@@ -215,6 +255,11 @@ def pricing():
 @bp.get("/terms")
 def terms():
     return render_template("public/terms.html", terms=terms_html())
+
+
+@bp.get("/privacy")
+def privacy():
+    return render_template("public/privacy.html", media_days=current_app.config["MEDIA_TTL_DAYS"])
 
 
 @bp.get("/healthz")

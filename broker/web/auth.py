@@ -30,7 +30,7 @@ from flask_login import UserMixin, current_user, login_required, login_user, log
 from flask_wtf import FlaskForm
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from werkzeug.security import check_password_hash, generate_password_hash
-from wtforms import EmailField, PasswordField
+from wtforms import BooleanField, EmailField, PasswordField
 from wtforms.validators import DataRequired, EqualTo, Length, ValidationError
 
 from broker import account_mail, accounts, keys, login_guard, pricing, tokens, web_sessions
@@ -121,6 +121,10 @@ def valid_email(_form, field) -> None:
 class SignupForm(FlaskForm):
     email = EmailField("Email", validators=[DataRequired(), Length(max=320), valid_email])
     password = PasswordField("Password", validators=[DataRequired(), Length(min=10, max=200)])
+    # The terms bind from sign-up on (TERMS.md 1.1): an account is made only when they are accepted.
+    accept_terms = BooleanField(
+        "I accept the terms of use", validators=[DataRequired("Accept the terms of use to create an account.")]
+    )
 
 
 class LoginForm(FlaskForm):
