@@ -331,7 +331,7 @@ def _state(app) -> tuple:
 
 
 def test_models_list_media_prices_in_credits_with_markup(client, tenant):
-    data = {m["id"]: m for m in client.get("/v1/models", headers=tenant.headers).json["data"]}
+    data = {m["id"]: m for m in client.get("/v1/models?kind=all", headers=tenant.headers).json["data"]}
     # $0.05 per 1k characters, $0.06 a song, 1,056 tokens × $40 per 1M an image; × 1.8 ÷ $0.01
     assert data["elevenlabs/eleven_flash_v2_5"]["pricing"]["per_1k_characters"] == "9"
     assert data["suno/V4_5ALL"]["pricing"]["per_generation"] == "10.8"

@@ -1,4 +1,4 @@
-"""Account routes: balance, models with prices, usage history and per-request receipts."""
+"""Account routes: balance, usage history and per-request receipts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from broker import pricing, usage
 from broker.api import bp, parse_query
 from broker.api.openapi import operation
 from broker.extensions import services
-from broker.schemas import Balance, ModelList, Receipt, UsageList, UsageQuery
+from broker.schemas import Balance, Receipt, UsageList, UsageQuery
 
 
 @bp.get("/balance")
@@ -25,33 +25,6 @@ def balance():
             "credit_usd": str(services().metering.credit_usd),
         }
     )
-
-
-@bp.get("/models")
-@operation(summary="Models you can call, with prices in credits", tag="Account", response=ModelList)
-def models():
-    svc = services()
-    m = svc.metering
-    data = [
-        {
-            "id": price.id,
-            "object": "model",
-            "created": 0,
-            "owned_by": price.provider,
-            "kind": price.kind,
-            "max_output_tokens": price.max_output_tokens or None,
-            "context_window": price.context_window or None,
-            "pricing": {"markup": str(m.markup), **pricing.price_summary(price, m.markup, m.credit_usd)},
-        }
-        for price in svc.prices.models.values()
-        if _serves(svc, price)
-    ]
-    return jsonify({"object": "list", "data": data})
-
-
-def _serves(svc, price) -> bool:
-    by_kind = {"chat": svc.providers, "tts": svc.media.speech, "image": svc.media.images, "music": svc.media.music}
-    return price.provider in by_kind[price.kind]
 
 
 @bp.get("/usage")
