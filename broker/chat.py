@@ -8,10 +8,17 @@ charge never exceeds it. Policy when things break (also in the README):
   usage report: the delivered tokens are charged (the provider's usage where it
   arrived, else an estimate from the delivered text, flagged ``estimated``),
   never more than the hold.
+- the provider rate limiting us (after our retries), our provider account out of quota,
+  an unknown model, a refused request: nothing is charged.
+
+Streams follow OpenAI: a last chunk with empty ``choices`` (the usage, with
+``cost_credits``) only when the client set ``stream_options.include_usage``; the receipt
+at ``GET /v1/requests/{X-Request-Id}`` always has the cost.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -34,8 +41,13 @@ from broker.providers.base import (
     ChatCall,
     ChatProvider,
     ChatResult,
+    Choice,
     Finish,
+    FunctionCallDelta,
+    StreamMeta,
     TextDelta,
+    ToolCallDelta,
+    UpstreamQuotaExceeded,
     Usage,
     UsageReport,
 )
@@ -46,6 +58,16 @@ log = logging.getLogger(__name__)
 MESSAGE_OVERHEAD_TOKENS = 8
 REQUEST_OVERHEAD_TOKENS = 16
 IMAGE_TOKEN_BOUND = 2000
+# Tool definitions and a response format are rendered into the prompt with some framing
+# around their JSON (a namespace, a type line): a generous allowance per definition.
+DEFINITION_OVERHEAD_TOKENS = 32
+FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_call"}
+# Identifiers that reach our single provider account: namespaced per customer account,
+# with the longest value the provider takes.
+NAMESPACED_FIELDS = {"safety_identifier": 64, "prompt_cache_key": 1024}
+# Fields that change the provider's price; none is priced in the price table yet, so a
+# request that sets one gets a 400 rather than a charge the hold did not cover.
+STANDARD_TIERS = {"auto", "default"}
 
 
 @dataclass
@@ -79,6 +101,7 @@ class _Call:
     started: datetime
     prompt_text: str
     message_count: int
+    include_usage: bool = False
 
 
 def _text_of(content) -> tuple[str, int]:
@@ -126,13 +149,9 @@ def start(
     price = m.prices.resolve(model_name, set(m.providers))
     if price.kind != "chat":
         raise InvalidRequest(f"'{price.id}' is not a chat model.", param="model")
-    if price.provider != "openai":
-        for name in req.passthrough():
-            raise InvalidRequest(
-                f"'{name}' is only supported for OpenAI models.",
-                param=name,
-                code="unsupported_parameter",
-            )
+    provider = m.providers[price.provider]
+    extra = req.extra_fields()
+    _check_extra(price, provider, extra)
     if price.provider == "anthropic" and req.n > 1:
         raise InvalidRequest("Anthropic models return one choice: n must be 1.", param="n")
     requested = req.requested_max_tokens
@@ -144,7 +163,13 @@ def start(
     messages = [msg.model_dump(exclude_none=True) for msg in req.messages]
     bound, prompt_text = input_token_bound(messages)
     m.moderate(prompt_text, "messages")
-    bound += pricing.text_token_bound(json.dumps(req.passthrough())) if req.passthrough() else 0
+    if extra:
+        # Tools, functions and a response format are prompt tokens too (and the estimate's text).
+        definitions = {k: v for k, v in extra.items() if k in ("tools", "functions", "response_format")}
+        count = len(extra.get("tools") or []) + len(extra.get("functions") or []) + ("response_format" in extra)
+        bound += pricing.text_token_bound(json.dumps(extra)) + count * DEFINITION_OVERHEAD_TOKENS
+        if definitions:
+            prompt_text += "\n" + json.dumps(definitions)
     fixed = int((bound * _rate(price.max_input_rate, m)).to_integral_value(rounding="ROUND_CEILING"))
     per_token = pricing.ucr_per_token(price.output, m.markup, m.credit_usd) * req.n
     if caller.marketplace:
@@ -154,6 +179,7 @@ def start(
         hold = m.ledger.hold(caller.account_id, request_id, fixed, per_token, requested or 0, price.max_output_tokens)
     if not hold.ok:
         raise _insufficient(hold.balance, fixed + (requested or 1) * per_token)
+    namespace = account_namespace(caller.account_id)
     call = ChatCall(
         model=price.upstream_model,
         messages=messages,
@@ -162,8 +188,8 @@ def start(
         top_p=req.top_p,
         stop=req.stop,
         n=req.n,
-        user=req.user,
-        extra=req.passthrough(),
+        user=_namespaced(namespace, req.user, 256) if req.user else None,
+        extra=_namespace_extra(namespace, extra),
     )
     ctx = _Call(
         request_id,
@@ -174,11 +200,64 @@ def start(
         datetime.now(UTC),
         prompt_text,
         len(messages),
+        req.include_usage,
     )
-    provider = m.providers[price.provider]
     if req.stream:
         return _start_stream(m, ctx, provider)
     return _complete(m, ctx, provider)
+
+
+def _unsupported(name: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, param=name, code="unsupported_parameter")
+
+
+def _check_extra(price: ModelPrice, provider: ChatProvider, extra: dict) -> None:
+    """Refuse, before anything is held, the fields the provider does not take, those that
+    would change the price beyond the table, and ``store: true``."""
+    accepts = getattr(provider, "accepts", frozenset())
+    for name in extra:
+        if name not in accepts:
+            raise _unsupported(name, f"'{name}' is not supported for {price.provider} models.")
+    tier = extra.get("service_tier")
+    if tier is not None and tier not in STANDARD_TIERS:
+        raise _unsupported(
+            "service_tier",
+            f"service_tier '{tier}' is not priced for {price.id}; use 'auto' or 'default' (or leave it out).",
+        )
+    if "audio" in (extra.get("modalities") or []) or "audio" in extra:
+        name = "audio" if "audio" in extra else "modalities"
+        raise _unsupported(name, f"Audio output is not priced for {price.id}.")
+    if "web_search_options" in extra:
+        raise _unsupported("web_search_options", f"Web search is not priced for {price.id}.")
+    if extra.get("store"):
+        raise _unsupported(
+            "store",
+            "store: true is not supported: completions would be stored in the broker's provider account.",
+        )
+
+
+def account_namespace(account_id: int) -> str:
+    """A stable tag per customer account for identifiers sent to our shared provider account."""
+    return hashlib.sha256(f"broker-account:{account_id}".encode()).hexdigest()[:16]
+
+
+def _namespaced(namespace: str, value: str, limit: int) -> str:
+    """``<namespace>-<value>``; a value too long for the provider's limit is replaced by its digest."""
+    tagged = f"{namespace}-{value}"
+    if len(tagged) <= limit:
+        return tagged
+    return f"{namespace}-{hashlib.sha256(value.encode()).hexdigest()}"[:limit]
+
+
+def _namespace_extra(namespace: str, extra: dict) -> dict:
+    out = dict(extra)
+    for name, limit in NAMESPACED_FIELDS.items():
+        if name in out:
+            out[name] = _namespaced(namespace, out[name], limit)
+    if "metadata" in out:
+        out["metadata"] = {k: _namespaced(namespace, v, 512) for k, v in out["metadata"].items()}
+    out.pop("store", None)  # only store: false gets here, which is the default
+    return out
 
 
 def _insufficient(balance: int, needed: int) -> InsufficientCredits:
@@ -191,6 +270,9 @@ def _insufficient(balance: int, needed: int) -> InsufficientCredits:
 
 def _release(m: Metering, ctx: _Call, error: BrokerError) -> None:
     metrics.UPSTREAM_ERRORS.labels(ctx.price.provider, error.code).inc()
+    if isinstance(error, UpstreamQuotaExceeded):
+        # The receipt's error code feeds the operator alert (broker.alerts.findings).
+        log.error("provider account out of quota", extra={"provider": ctx.price.provider, "request_id": ctx.request_id})
     receipt = _receipt(m, ctx, Usage(), Decimal(0), "error", estimated=False)
     receipt["error_code"] = error.code
     if ctx.caller.marketplace:
@@ -205,7 +287,7 @@ def _complete(m: Metering, ctx: _Call, provider: ChatProvider) -> ChatResponse:
     except BrokerError as error:
         _release(m, ctx, error)
         raise
-    delivered = "".join(choice.content for choice in result.choices)
+    delivered = "".join(_choice_text(choice) for choice in result.choices)
     usage, estimated = _billable_usage(ctx, result.usage, delivered, finished=True)
     ended, cost, receipt = _settle(m, ctx, usage, estimated, "ok")
     body = _completion_body(ctx, result, usage, ended.charged)
@@ -296,13 +378,48 @@ def _usage_json(usage: Usage, charged: int) -> dict:
         "prompt_tokens_details": {
             "cached_tokens": usage.cached_input_tokens,
             "cache_write_tokens": usage.cache_write_tokens + usage.cache_write_1h_tokens,
+            "audio_tokens": 0,
+        },
+        "completion_tokens_details": {
+            "reasoning_tokens": usage.reasoning_tokens,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": usage.accepted_prediction_tokens,
+            "rejected_prediction_tokens": usage.rejected_prediction_tokens,
         },
         "cost_credits": float(pricing.format_credits(charged)),
     }
 
 
+def _choice_text(choice: Choice) -> str:
+    """Everything the model wrote in a choice (for estimates): text, refusal, tool calls."""
+    parts = [choice.content or "", choice.refusal or ""]
+    if choice.tool_calls:
+        parts.append(json.dumps(choice.tool_calls))
+    if choice.function_call:
+        parts.append(json.dumps(choice.function_call))
+    return "".join(parts)
+
+
+def _finish(reason: str | None) -> str:
+    return reason if reason in FINISH_REASONS else "stop"
+
+
+def _message(choice: Choice) -> dict:
+    message: dict = {
+        "role": "assistant",
+        "content": choice.content,
+        "refusal": choice.refusal,
+        "annotations": choice.annotations or [],
+    }
+    if choice.tool_calls:
+        message["tool_calls"] = choice.tool_calls
+    if choice.function_call:
+        message["function_call"] = choice.function_call
+    return message
+
+
 def _completion_body(ctx: _Call, result: ChatResult, usage: Usage, charged: int) -> dict:
-    return {
+    body = {
         "id": "chatcmpl-" + ctx.request_id[4:],
         "object": "chat.completion",
         "created": int(ctx.started.timestamp()),
@@ -310,19 +427,20 @@ def _completion_body(ctx: _Call, result: ChatResult, usage: Usage, charged: int)
         "choices": [
             {
                 "index": choice.index,
-                "message": {
-                    "role": "assistant",
-                    "content": choice.content,
-                    "refusal": None,
-                },
-                "logprobs": None,
-                "finish_reason": choice.finish_reason or "stop",
+                "message": _message(choice),
+                "logprobs": choice.logprobs,
+                "finish_reason": _finish(choice.finish_reason),
             }
             for choice in result.choices
         ],
         "usage": _usage_json(usage, charged),
-        "request_id": ctx.request_id,
     }
+    if result.service_tier:
+        body["service_tier"] = result.service_tier
+    if result.system_fingerprint:
+        body["system_fingerprint"] = result.system_fingerprint
+    body["request_id"] = ctx.request_id
+    return body
 
 
 def _start_stream(m: Metering, ctx: _Call, provider: ChatProvider) -> ChatResponse:
@@ -334,61 +452,121 @@ def _start_stream(m: Metering, ctx: _Call, provider: ChatProvider) -> ChatRespon
         events.close()
         _release(m, ctx, error)
         raise
-    head = [first] if first is not None else []
+    meta = first if isinstance(first, StreamMeta) else StreamMeta()
+    head = [first] if first is not None and first is not meta else []
     headers = {
         "X-Request-Id": ctx.request_id,
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",
     }
-    return ChatResponse(stream=_relay(m, ctx, chain(head, events), events), headers=headers)
+    return ChatResponse(stream=_relay(m, ctx, chain(head, events), events, meta), headers=headers)
 
 
-def _relay(m: Metering, ctx: _Call, events, upstream) -> Iterator[str]:
-    """OpenAI chunks for any provider, a usage chunk with the cost, then ``[DONE]``.
+class _Chunks:
+    """OpenAI ``chat.completion.chunk`` lines for one stream, built from a fixed prefix."""
+
+    def __init__(self, ctx: _Call, meta: StreamMeta) -> None:
+        head = (
+            f'data: {{"id":"chatcmpl-{ctx.request_id[4:]}","object":"chat.completion.chunk",'
+            f'"created":{int(ctx.started.timestamp())},"model":{json.dumps(ctx.price.id)}'
+        )
+        if meta.service_tier:
+            head += f',"service_tier":{json.dumps(meta.service_tier)}'
+        if meta.system_fingerprint:
+            head += f',"system_fingerprint":{json.dumps(meta.system_fingerprint)}'
+        self.head = head
+        # With include_usage OpenAI sends "usage": null on every chunk but the last.
+        self.tail = ',"usage":null}\n\n' if ctx.include_usage else "}\n\n"
+        self.opened: set[int] = set()
+
+    def choice(self, index: int, delta: str, finish: str = "null", logprobs: str = "null") -> str:
+        return (
+            f'{self.head},"choices":[{{"index":{index},"delta":{delta},"logprobs":{logprobs},'
+            f'"finish_reason":{finish}}}]{self.tail}'
+        )
+
+    def usage(self, usage: Usage, charged: int) -> str:
+        return f'{self.head},"choices":[],"usage":{json.dumps(_usage_json(usage, charged))}}}\n\n'
+
+    def role(self, index: int, opening: str) -> list[str]:
+        """The chunk that opens choice ``index`` (once), as OpenAI sends it."""
+        if index in self.opened:
+            return []
+        self.opened.add(index)
+        return [self.choice(index, '{"role":"assistant",' + opening + "}")]
+
+    def render(self, event) -> tuple[list[str], str]:
+        """The chunks for one event, and the text it delivered (for estimates)."""
+        if isinstance(event, TextDelta):
+            key = "refusal" if event.refusal else "content"
+            opening = '"content":null,"refusal":""' if event.refusal else '"content":"","refusal":null'
+            logprobs = json.dumps(event.logprobs) if event.logprobs else "null"
+            delta = f'{{"{key}":{json.dumps(event.text)}}}'
+            return [*self.role(event.index, opening), self.choice(event.index, delta, logprobs=logprobs)], event.text
+        if isinstance(event, ToolCallDelta):
+            call: dict = {"index": event.call}
+            if event.id is not None:
+                call.update(id=event.id, type=event.type)
+            fn: dict = {"name": event.name} if event.name is not None else {}
+            fn["input" if event.type == "custom" else "arguments"] = event.arguments
+            call[event.type] = fn
+            tool_calls = '"tool_calls":' + json.dumps([call])
+            if event.index not in self.opened:
+                self.opened.add(event.index)
+                delta = '{"role":"assistant","content":null,' + tool_calls + "}"
+            else:
+                delta = "{" + tool_calls + "}"
+            return [self.choice(event.index, delta)], (event.name or "") + event.arguments
+        if isinstance(event, FunctionCallDelta):
+            fn = {"name": event.name} if event.name is not None else {}
+            fn["arguments"] = event.arguments
+            function_call = '"function_call":' + json.dumps(fn)
+            if event.index not in self.opened:
+                self.opened.add(event.index)
+                delta = '{"role":"assistant","content":null,' + function_call + "}"
+            else:
+                delta = "{" + function_call + "}"
+            return [self.choice(event.index, delta)], (event.name or "") + event.arguments
+        if isinstance(event, Finish):
+            finish = self.choice(event.index, "{}", json.dumps(_finish(event.reason)))
+            return [*self.role(event.index, '"content":"","refusal":null'), finish], ""
+        return [], ""
+
+
+def _relay(m: Metering, ctx: _Call, events, upstream, meta: StreamMeta) -> Iterator[str]:
+    """OpenAI chunks for any provider, the usage chunk (with the cost) if asked, then ``[DONE]``.
 
     Settles exactly once whatever happens: normal end, upstream break, or the client
     going away (``GeneratorExit`` at a ``yield``).
     """
-    prefix = (
-        f'data: {{"id":"chatcmpl-{ctx.request_id[4:]}","object":"chat.completion.chunk",'
-        f'"created":{int(ctx.started.timestamp())},"model":{json.dumps(ctx.price.id)},"choices":['
-    )
+    chunks = _Chunks(ctx, meta)
     delivered: list[str] = []
     usage: Usage | None = None
     settled = False
     try:
-        for index in range(ctx.call.n):
-            yield _choice_chunk(prefix, index, '{"role":"assistant","content":""}')
         for event in events:
-            if isinstance(event, TextDelta):
-                delivered.append(event.text)
-                yield _choice_chunk(prefix, event.index, '{"content":' + json.dumps(event.text) + "}")
-            elif isinstance(event, Finish):
-                yield _choice_chunk(prefix, event.index, "{}", json.dumps(event.reason))
-            elif isinstance(event, UsageReport):
+            if isinstance(event, UsageReport):
                 usage = event.usage
+                continue
+            lines, text = chunks.render(event)
+            delivered.append(text)
+            yield from lines
         billable, estimated = _billable_usage(ctx, usage, "".join(delivered), finished=True)
         ended, _, _ = _settle(m, ctx, billable, estimated, "ok", stream=True)
         settled = True
-        yield _usage_chunk(prefix, billable, ended.charged)
+        if ctx.include_usage:
+            yield chunks.usage(billable, ended.charged)
         yield "data: [DONE]\n\n"
     except UpstreamStreamBroken as error:
         metrics.UPSTREAM_ERRORS.labels(ctx.price.provider, error.code).inc()
         billable, _ = _billable_usage(ctx, usage, "".join(delivered), finished=False)
         ended, _, _ = _settle(m, ctx, billable, True, "partial", True, error.code)
         settled = True
-        yield _usage_chunk(prefix, billable, ended.charged)
+        if ctx.include_usage:
+            yield chunks.usage(billable, ended.charged)
         yield "data: " + json.dumps(error.body()) + "\n\n"
     finally:
         if not settled:
             billable, _ = _billable_usage(ctx, usage, "".join(delivered), finished=False)
             _settle(m, ctx, billable, True, "partial", True, "client_disconnected")
         upstream.close()
-
-
-def _choice_chunk(prefix: str, index: int, delta: str, finish: str = "null") -> str:
-    return f'{prefix}{{"index":{index},"delta":{delta},"finish_reason":{finish}}}]}}\n\n'
-
-
-def _usage_chunk(prefix: str, usage: Usage, charged: int) -> str:
-    return prefix[:-1] + f'[],"usage":{json.dumps(_usage_json(usage, charged))}}}\n\n'

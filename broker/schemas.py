@@ -8,9 +8,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# OpenAI request fields that reach OpenAI models unchanged. Other providers have no
-# equivalent, so a request that sets one of them for a non-OpenAI model gets a 400.
-OPENAI_PASSTHROUGH = (
+# Request fields beyond the basic ones every provider maps. Each adapter lists those it
+# takes (``accepts``); a request that sets another one gets a 400 naming it. All of
+# OpenAI's current Chat Completions fields are here, plus ``top_k`` (Anthropic, Gemini).
+EXTRA_FIELDS = (
     "frequency_penalty",
     "presence_penalty",
     "logit_bias",
@@ -21,11 +22,23 @@ OPENAI_PASSTHROUGH = (
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "functions",
+    "function_call",
     "reasoning_effort",
     "metadata",
     "prediction",
     "store",
     "verbosity",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+    "moderation",
+    "modalities",
+    "audio",
+    "web_search_options",
+    "top_k",
 )
 
 
@@ -70,10 +83,22 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     reasoning_effort: str | None = None
+    functions: list[dict[str, Any]] | None = Field(default=None, min_length=1, max_length=128)
+    function_call: str | dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
     prediction: dict[str, Any] | None = None
     store: bool | None = None
     verbosity: str | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
+    safety_identifier: str | None = Field(default=None, max_length=64)
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    top_k: int | None = Field(default=None, ge=0, description="Anthropic and Gemini models only")
 
     @field_validator("stop")
     @classmethod
@@ -84,12 +109,26 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return value
 
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and (
+            len(value) > 16 or any(len(k) > 64 for k in value) or any(len(v) > 512 for v in value.values())
+        ):
+            raise ValueError("at most 16 pairs, keys up to 64 characters, values up to 512")
+        return value
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def passthrough(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in OPENAI_PASSTHROUGH if getattr(self, name) is not None}
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def extra_fields(self) -> dict[str, Any]:
+        """The set fields beyond the basic ones, for the adapter (see ``EXTRA_FIELDS``)."""
+        return {name: getattr(self, name) for name in EXTRA_FIELDS if getattr(self, name) is not None}
 
 
 class SimpleChatRequest(ChatCompletionRequest):
@@ -272,13 +311,16 @@ class ChatMessageOut(BaseModel):
     role: Literal["assistant"]
     content: str | None
     refusal: str | None = None
+    annotations: list[dict[str, Any]] = []
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: Any = None
-    finish_reason: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
 
 
 class ChatUsage(BaseModel):
@@ -286,12 +328,14 @@ class ChatUsage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: dict[str, int]
+    completion_tokens_details: dict[str, int]
     cost_credits: float = Field(description="Credits charged for this request")
 
 
 class ChatCompletion(BaseModel):
     """A chat completion (``stream: false``); with ``stream: true`` the body is ``text/event-stream``
-    of ``chat.completion.chunk`` objects ending with a usage chunk and ``data: [DONE]``."""
+    of ``chat.completion.chunk`` objects and ``data: [DONE]``; with ``stream_options.include_usage``
+    a last chunk with empty ``choices`` carries the usage and ``cost_credits``."""
 
     id: str
     object: Literal["chat.completion"]
@@ -299,6 +343,8 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: ChatUsage
+    system_fingerprint: str | None = None
+    service_tier: str | None = None
     request_id: str
 
 
@@ -367,10 +413,11 @@ class PurchaseOut(BaseModel):
     pack: str | None
     amount_usd: str
     credits: str
-    status: Literal["pending", "paid", "failed", "refunded", "partially_refunded"]
+    status: Literal["pending", "paid", "failed", "canceled", "expired", "refunded", "partially_refunded"]
     refunded_credits: str
     created_at: str | None
     paid_at: str | None
+    receipt_url: str | None = Field(description="The payment's receipt at the provider, once paid (Stripe)")
 
 
 class PurchaseList(BaseModel):

@@ -128,6 +128,7 @@ def test_anthropic_stream_takes_last_cumulative_output_count_not_the_sum(app, li
             messages=[{"role": "user", "content": "hi"}],
             max_tokens=100,
             stream=True,
+            stream_options={"include_usage": True},
         )
     )
     assert chunks[-1].usage.completion_tokens == 40
@@ -136,19 +137,26 @@ def test_anthropic_stream_takes_last_cumulative_output_count_not_the_sum(app, li
     )
 
 
-def test_usage_chunk_is_sent_even_when_the_client_did_not_ask_for_it(live_server, tenant, upstream):
-    chunks = list(
-        sdk(live_server, tenant.key).chat.completions.create(
-            model="openai/gpt-4o-mini",
-            messages=[{"role": "user", "content": "hi"}],
-            max_tokens=20,
-            stream=True,
-        )
+def test_without_include_usage_no_usage_chunk_reaches_the_client_but_the_receipt_has_the_cost(
+    app, live_server, tenant, upstream, client
+):
+    upstream.queue(CASES["openai/gpt-4o-mini"])
+    before = app.extensions["broker"].ledger.balance(tenant.account_id)
+    raw = sdk(live_server, tenant.key).chat.completions.with_raw_response.create(
+        model="openai/gpt-4o-mini",
+        messages=[{"role": "user", "content": LONG_PROMPT}],
+        max_tokens=200,
+        stream=True,
     )
-    assert chunks[-1].usage is not None and chunks[-1].usage.model_extra["cost_credits"] > 0
+    chunks = list(raw.parse())
+    assert chunks and all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
     sent = upstream.requests[-1].json
-    assert sent["stream_options"] == {"include_usage": True}
-    assert sent["max_completion_tokens"] == 20
+    assert sent["stream_options"] == {"include_usage": True}  # we still bill from the provider's usage
+    assert sent["max_completion_tokens"] == 200
+    want = expected_ucr("openai/gpt-4o-mini", CASES["openai/gpt-4o-mini"])
+    assert before - app.extensions["broker"].ledger.balance(tenant.account_id) == want
+    receipt = client.get(f"/v1/requests/{raw.headers['X-Request-Id']}", headers=tenant.headers).json
+    assert receipt["charged_ucr"] == want and receipt["flags"]["estimated"] is False
 
 
 def test_seed_chat_shape_uses_the_same_metered_path(client, tenant, upstream, app):

@@ -120,7 +120,11 @@ def test_finished_stream_without_usage_is_charged_an_estimate_and_flagged(app, c
     before = balance(app, tenant)
     chunks = list(
         sdk(live_server, tenant.key).chat.completions.create(
-            model="openai/gpt-4o-mini", messages=MESSAGES, max_tokens=100, stream=True
+            model="openai/gpt-4o-mini",
+            messages=MESSAGES,
+            max_tokens=100,
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     want = expected_estimate_ucr(MESSAGES[0]["content"], 1, "a complete answer without usage", IN_RATE, OUT_RATE)

@@ -20,7 +20,9 @@ from broker.providers.base import (
     ChatCall,
     Finish,
     StreamEvent,
+    StreamMeta,
     TextDelta,
+    UpstreamRateLimited,
     Usage,
     UsageReport,
 )
@@ -120,7 +122,9 @@ def test_openai_usage_splits_cache_reads_and_writes_out_of_prompt_tokens(
 ) -> None:
     fake.queue(Reply(**{**CACHED_REPLY, "cache_write_1h_tokens": 0}))
     result = provider("openai", fake, session).complete(chat(temperature=0.2))
-    assert result.usage == Usage(input_tokens=100, cached_input_tokens=40, cache_write_tokens=10, output_tokens=30)
+    assert result.usage == Usage(
+        input_tokens=100, cached_input_tokens=40, cache_write_tokens=10, output_tokens=30, reasoning_tokens=20
+    )
     assert result.choices[0].content == "Cached and reasoned."
     assert result.choices[0].finish_reason == "stop"
     sent = fake.requests[-1]
@@ -224,7 +228,7 @@ def test_openai_stream_asks_for_usage_and_reports_it_last(fake: FakeUpstream, se
     assert text_of(events) == "Cached and reasoned."
     assert Finish(0, "stop") in events
     assert events[-1] == UsageReport(
-        Usage(input_tokens=100, cached_input_tokens=40, cache_write_tokens=10, output_tokens=30)
+        Usage(input_tokens=100, cached_input_tokens=40, cache_write_tokens=10, output_tokens=30, reasoning_tokens=20)
     )
     sent = fake.requests[-1].json
     assert sent["stream"] is True and sent["max_completion_tokens"] == 64
@@ -289,7 +293,7 @@ def test_closing_a_stream_returns_the_pooled_connection(name: str, fake: FakeUps
     fake.queue(Reply(chunks=20))
     with make_session(retries=0, pool_size=2) as own:
         events = provider(name, fake, own).stream(chat())
-        assert isinstance(next(events), TextDelta)
+        assert isinstance(next(events), (StreamMeta, TextDelta))  # OpenAI reports its fingerprint first
         pools = own.get_adapter(fake.url).poolmanager.pools
         [pool] = [pools[key] for key in pools.keys()]  # noqa: SIM118 - not iterable
         assert pool.pool.qsize() == 1  # one of two slots checked out
@@ -339,7 +343,7 @@ def test_refused_credentials_never_echo_the_upstream_message(
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [(429, UpstreamUnavailable), (503, UpstreamUnavailable), (504, UpstreamTimeout)],
+    [(429, UpstreamRateLimited), (503, UpstreamUnavailable), (504, UpstreamTimeout)],
 )
 @pytest.mark.parametrize("name", NETWORK)
 def test_overload_and_gateway_timeouts_map_to_their_own_errors(

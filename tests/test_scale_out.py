@@ -161,6 +161,8 @@ class Load:
         kind = (index // 2) % 4  # each kind on both ports
         model, stream = CHAT_MODELS[kind % 2], kind >= 2
         body = {"model": model, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
         response = session.post(
             self.url(index, "/v1/chat/completions"), json=body, headers=self.tenant.headers, timeout=30, stream=stream
         )

@@ -24,8 +24,9 @@ def _respond(result: chat.ChatResponse) -> Response:
     summary="Create a chat completion (OpenAI-compatible)",
     description=(
         "`model` is `provider/model` or a bare name that maps to one provider. With `stream: true` the answer "
-        "is Server-Sent Events in OpenAI's chunk format, ending with a usage chunk (with `cost_credits`) and "
-        "`data: [DONE]`."
+        "is Server-Sent Events in OpenAI's chunk format ending with `data: [DONE]`; with "
+        "`stream_options.include_usage` the last chunk before it has empty `choices` and the usage (with "
+        "`cost_credits`). The receipt at `GET /v1/requests/{X-Request-Id}` always has the cost."
     ),
     tag="Chat",
     body=ChatCompletionRequest,

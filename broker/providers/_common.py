@@ -18,9 +18,18 @@ from broker.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from broker.providers.base import StreamEvent
+from broker.providers.base import (
+    StreamEvent,
+    UpstreamModelNotFound,
+    UpstreamQuotaExceeded,
+    UpstreamRateLimited,
+)
 
 CREDENTIALS_MESSAGE = "the provider refused the broker's credentials"
+QUOTA_MESSAGE = "{provider} refused the broker's account (quota or spend limit reached); the operator has been alerted"
+DEFAULT_RETRY_AFTER = "1"
+# Error codes by which a provider says our own account, not the request, is out of quota.
+QUOTA_CODES = {"insufficient_quota"}
 MAX_ERROR_MESSAGE = 500
 
 # Everything that can go wrong while reading a response body: transport failures and
@@ -189,19 +198,31 @@ def status_error(provider: str, response: requests.Response, secret: str) -> Ups
         return UpstreamError(f"{provider} answered with a redirect (HTTP {status})")
     if status in (401, 403) or _is_key_error(body):
         return UpstreamError(CREDENTIALS_MESSAGE)
-    if status == 402:
-        return UpstreamError(f"{provider} refused the broker's account (billing)")
-    if status in (429, 503, 529):
-        return UpstreamUnavailable(f"{provider} is overloaded or rate limited; retry later", headers=headers)
+    error = as_dict(body.get("error"))
+    if status == 402 or _is_quota_error(error):
+        return UpstreamQuotaExceeded(QUOTA_MESSAGE.format(provider=provider))
+    if status == 429:
+        return UpstreamRateLimited(
+            f"{provider} is rate limiting the broker; retry later",
+            headers={"Retry-After": retry_after or DEFAULT_RETRY_AFTER},
+        )
+    if status in (503, 529):
+        return UpstreamUnavailable(f"{provider} is overloaded; retry later", headers=headers)
     if status in (408, 504):
         return UpstreamTimeout(f"{provider} timed out")
     if status >= 500:
         return UpstreamError(f"{provider} failed with HTTP {status}")
-    error = as_dict(body.get("error"))
     message = error.get("message") if isinstance(error.get("message"), str) else None
     message = clip_message(message or f"HTTP {status}", secret)
+    if status == 404:
+        return UpstreamModelNotFound(f"{provider} does not know this model: {message}", param="model")
     param = error.get("param") if isinstance(error.get("param"), str) else None
     return UpstreamRejected(f"{provider} rejected the request: {message}", param=param)
+
+
+def _is_quota_error(error: dict) -> bool:
+    """OpenAI answers an exhausted account with a 429 whose code (and type) is ``insufficient_quota``."""
+    return error.get("code") in QUOTA_CODES or error.get("type") in QUOTA_CODES
 
 
 def error_body(response: requests.Response) -> dict:

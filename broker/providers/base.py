@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from broker.errors import UpstreamError, UpstreamUnavailable
+
 
 @dataclass
 class Usage:
@@ -25,6 +27,10 @@ class Usage:
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
     output_tokens: int = 0
+    # Parts of ``output_tokens``, reported back to the caller but not priced apart.
+    reasoning_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
     @property
     def prompt_tokens(self) -> int:
@@ -38,7 +44,8 @@ class ChatCall:
     ``model`` is the upstream model id without the ``provider/`` prefix.
     ``max_tokens`` is the effective maximum the broker holds credits for; adapters
     must send it upstream so the provider can never bill beyond the hold.
-    ``extra`` holds further OpenAI fields that the OpenAI adapter passes through.
+    ``extra`` holds the further OpenAI fields of the request (tools, response_format, …),
+    already checked against the adapter's ``accepts``; identifiers in it are namespaced.
     """
 
     model: str
@@ -54,9 +61,20 @@ class ChatCall:
 
 @dataclass
 class Choice:
+    """One answer, in OpenAI's message vocabulary.
+
+    ``tool_calls`` are OpenAI-shaped (``{"id", "type": "function", "function": {"name",
+    "arguments"}}``); ``logprobs`` is OpenAI's ``{"content": [...], "refusal": [...]}``.
+    """
+
     index: int
-    content: str
+    content: str | None
     finish_reason: str | None
+    refusal: str | None = None
+    tool_calls: list[dict] | None = None
+    function_call: dict | None = None
+    annotations: list[dict] | None = None
+    logprobs: dict | None = None
 
 
 @dataclass
@@ -65,12 +83,51 @@ class ChatResult:
     model: str
     choices: list[Choice]
     usage: Usage
+    system_fingerprint: str | None = None
+    service_tier: str | None = None
+
+
+@dataclass
+class StreamMeta:
+    """Response-wide fields a stream reports before any delta (relayed on every chunk)."""
+
+    system_fingerprint: str | None = None
+    service_tier: str | None = None
 
 
 @dataclass
 class TextDelta:
+    """A piece of the answer; ``refusal`` when it is a piece of the model's refusal instead."""
+
     index: int
     text: str
+    logprobs: dict | None = None
+    refusal: bool = False
+
+
+@dataclass
+class ToolCallDelta:
+    """A piece of one tool call of choice ``index``; ``call`` is its position in ``tool_calls``.
+
+    The first piece of a call carries ``id`` and ``name``; later pieces carry argument
+    fragments only. ``type`` is ``function`` (or OpenAI's ``custom``, whose text is ``input``).
+    """
+
+    index: int
+    call: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+    type: str = "function"
+
+
+@dataclass
+class FunctionCallDelta:
+    """A piece of a deprecated ``function_call`` (OpenAI models asked with ``functions``)."""
+
+    index: int
+    name: str | None = None
+    arguments: str = ""
 
 
 @dataclass
@@ -86,10 +143,15 @@ class UsageReport:
     usage: Usage
 
 
-StreamEvent = TextDelta | Finish | UsageReport
+StreamEvent = StreamMeta | TextDelta | ToolCallDelta | FunctionCallDelta | Finish | UsageReport
 
 
 class ChatProvider(Protocol):
+    """``accepts``: the OpenAI request fields beyond the basic ones (``tools``,
+    ``response_format``, …) the adapter takes; any other set field is a 400
+    ``unsupported_parameter`` before anything is held. An adapter without it takes none.
+    """
+
     name: str
 
     def complete(self, call: ChatCall) -> ChatResult:
@@ -104,6 +166,31 @@ class ChatProvider(Protocol):
         the generator closes the upstream connection.
         """
         ...
+
+
+# -- upstream outcomes every adapter maps the same way ---------------------------------
+
+
+class UpstreamRateLimited(UpstreamError):
+    """The provider still rate limits after the session's retries: the caller should back off."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamQuotaExceeded(UpstreamUnavailable):
+    """The broker's own provider account is out of quota or over its spend limit: an operator must act."""
+
+    code = "upstream_quota_exceeded"
+
+
+class UpstreamModelNotFound(UpstreamError):
+    """The provider does not know the model the price table names."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
 
 
 # -- media (slow generations run by the worker) --------------------------------

@@ -1,4 +1,10 @@
-"""OpenAI Chat Completions adapter: the broker's own shape, so mostly a pass-through."""
+"""OpenAI Chat Completions adapter: the broker's own shape, so mostly a pass-through.
+
+Every field of OpenAI's answer a client can use is relayed as sent: tool calls (and the
+deprecated ``function_call``), ``refusal`` (never moved into ``content``), ``logprobs``,
+``annotations``, ``system_fingerprint`` and ``service_tier``; streamed tool calls keep their
+index, id, name and argument fragments.
+"""
 
 from __future__ import annotations
 
@@ -13,18 +19,54 @@ from broker.providers.base import (
     ChatResult,
     Choice,
     Finish,
+    FunctionCallDelta,
     StreamEvent,
+    StreamMeta,
     TextDelta,
+    ToolCallDelta,
     Usage,
     UsageReport,
 )
 
 # Fields of ``call.extra`` the adapter owns: the broker's hold depends on them.
 _OWNED = {"model", "messages", "max_tokens", "max_completion_tokens", "stream", "n"}
+FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_call"}
 
 
 class OpenAIProvider:
     name = "openai"
+    # OpenAI's own request fields, passed through (the broker refuses the price-changing
+    # ones it cannot bill before they get here).
+    accepts = frozenset(
+        {
+            "frequency_penalty",
+            "presence_penalty",
+            "logit_bias",
+            "logprobs",
+            "top_logprobs",
+            "seed",
+            "response_format",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "functions",
+            "function_call",
+            "reasoning_effort",
+            "verbosity",
+            "metadata",
+            "prediction",
+            "store",
+            "service_tier",
+            "safety_identifier",
+            "prompt_cache_key",
+            "prompt_cache_retention",
+            "prompt_cache_options",
+            "moderation",
+            "modalities",
+            "audio",
+            "web_search_options",
+        }
+    )
 
     def __init__(
         self,
@@ -41,19 +83,13 @@ class OpenAIProvider:
     def complete(self, call: ChatCall) -> ChatResult:
         response = self._post(_body(call, stream=False), stream=False)
         data = c.read_json(self.name, response)
-        choices = [
-            Choice(
-                index=c.as_int(ch.get("index")),
-                content=_message_text(c.as_dict(ch.get("message"))),
-                finish_reason=ch.get("finish_reason"),
-            )
-            for ch in map(c.as_dict, data.get("choices") or [])
-        ]
         return ChatResult(
             id=str(data.get("id") or ""),
             model=str(data.get("model") or call.model),
-            choices=choices,
+            choices=[_choice(ch) for ch in map(c.as_dict, data.get("choices") or [])],
             usage=usage_from(c.as_dict(data.get("usage"))),
+            system_fingerprint=_str(data.get("system_fingerprint")),
+            service_tier=_str(data.get("service_tier")),
         )
 
     def stream(self, call: ChatCall) -> Iterator[StreamEvent]:
@@ -90,48 +126,112 @@ def _body(call: ChatCall, *, stream: bool) -> dict:
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     if stream:
+        # Usage is always asked for (it is what we bill); the broker decides what the client sees.
         options = c.as_dict(call.extra.get("stream_options"))
         body.update(stream=True, stream_options={**options, "include_usage": True})
     return body
 
 
 def usage_from(usage: dict) -> Usage:
-    """``cached_tokens`` and ``cache_write_tokens`` are parts of ``prompt_tokens``."""
+    """``cached_tokens`` and ``cache_write_tokens`` are parts of ``prompt_tokens``; reasoning and
+    rejected-prediction tokens are parts of ``completion_tokens`` (billed as output)."""
     details = c.as_dict(usage.get("prompt_tokens_details"))
     cached = c.as_int(details.get("cached_tokens"))
     written = c.as_int(details.get("cache_write_tokens"))
+    out = c.as_dict(usage.get("completion_tokens_details"))
     return Usage(
         input_tokens=max(c.as_int(usage.get("prompt_tokens")) - cached - written, 0),
         cached_input_tokens=cached,
         cache_write_tokens=written,
         output_tokens=c.as_int(usage.get("completion_tokens")),
+        reasoning_tokens=c.as_int(out.get("reasoning_tokens")),
+        accepted_prediction_tokens=c.as_int(out.get("accepted_prediction_tokens")),
+        rejected_prediction_tokens=c.as_int(out.get("rejected_prediction_tokens")),
     )
 
 
-def _message_text(message: dict) -> str:
-    """The reply text; a refusal stands in for content the model declined to give."""
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _list(value: object) -> list[dict] | None:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else None
+
+
+def _finish(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    return value if value in FINISH_REASONS else "stop"
+
+
+def _choice(choice: dict) -> Choice:
+    message = c.as_dict(choice.get("message"))
     content = message.get("content")
-    if content is None and isinstance(message.get("refusal"), str):
-        return message["refusal"]
-    return c.text_of(content)
+    return Choice(
+        index=c.as_int(choice.get("index")),
+        content=c.text_of(content) if content is not None else None,
+        finish_reason=_finish(choice.get("finish_reason")),
+        refusal=_str(message.get("refusal")),
+        tool_calls=_list(message.get("tool_calls")) or None,
+        function_call=message.get("function_call") if isinstance(message.get("function_call"), dict) else None,
+        annotations=_list(message.get("annotations")),
+        logprobs=c.as_dict(choice.get("logprobs")) or None,
+    )
+
+
+def _tool_call_deltas(index: int, calls: object) -> Iterator[ToolCallDelta]:
+    for call in map(c.as_dict, calls if isinstance(calls, list) else []):
+        kind = _str(call.get("type")) or "function"
+        fn = c.as_dict(call.get("custom" if kind == "custom" else "function"))
+        text = fn.get("input" if kind == "custom" else "arguments")
+        yield ToolCallDelta(
+            index=index,
+            call=c.as_int(call.get("index")),
+            id=_str(call.get("id")),
+            name=_str(fn.get("name")),
+            arguments=text if isinstance(text, str) else "",
+            type=kind,
+        )
 
 
 def _translate(events: Iterator[c.SSEEvent]) -> Iterator[StreamEvent]:
-    """Chunks → events; the usage chunk is the last before ``[DONE]``."""
+    """Chunks → events; the usage chunk is the last before ``[DONE]``.
+
+    ``StreamMeta`` goes just before the first other event, so a stream that fails before
+    any content still fails cleanly (nothing yielded).
+    """
+    meta: StreamMeta | None = None
     for _, data in events:
         if data.strip() == "[DONE]":
             return
         chunk = c.load_event(data)
         if "error" in chunk:
             raise UpstreamStreamBroken("openai reported an error in the stream")
-        for choice in map(c.as_dict, chunk.get("choices") or []):
-            index = c.as_int(choice.get("index"))
-            delta = c.as_dict(choice.get("delta"))
-            text = delta.get("content") or delta.get("refusal")
-            if isinstance(text, str) and text:
-                yield TextDelta(index, text)
-            if isinstance(choice.get("finish_reason"), str):
-                yield Finish(index, choice["finish_reason"])
-        if isinstance(chunk.get("usage"), dict):
-            yield UsageReport(usage_from(chunk["usage"]))
+        out = list(_chunk_events(chunk))
+        if out and meta is None:
+            meta = StreamMeta(_str(chunk.get("system_fingerprint")), _str(chunk.get("service_tier")))
+            yield meta
+        yield from out
     raise c.ended_early("openai")
+
+
+def _chunk_events(chunk: dict) -> Iterator[StreamEvent]:
+    for choice in map(c.as_dict, chunk.get("choices") or []):
+        index = c.as_int(choice.get("index"))
+        delta = c.as_dict(choice.get("delta"))
+        logprobs = c.as_dict(choice.get("logprobs")) or None
+        for key, refusal in (("content", False), ("refusal", True)):
+            text = delta.get(key)
+            if isinstance(text, str) and (text or logprobs):
+                yield TextDelta(index, text, logprobs, refusal)
+                logprobs = None
+        yield from _tool_call_deltas(index, delta.get("tool_calls"))
+        fn = c.as_dict(delta.get("function_call"))
+        if fn:
+            args = fn.get("arguments")
+            yield FunctionCallDelta(index, _str(fn.get("name")), args if isinstance(args, str) else "")
+        reason = _finish(choice.get("finish_reason"))
+        if reason:
+            yield Finish(index, reason)
+    if isinstance(chunk.get("usage"), dict):
+        yield UsageReport(usage_from(chunk["usage"]))
