@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -75,6 +76,26 @@ def _trusted_hosts(config: dict) -> list[str] | None:
     return hosts or None
 
 
+STRIPE_CHECKOUT_ORIGIN = "https://checkout.stripe.com"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?")
+
+
+def _checkout_origin(config: dict) -> str:
+    """Where the Checkout form's redirect may go (CSP form-action): one origin, checked, no path."""
+    origin = config["STRIPE_CHECKOUT_ORIGIN"]
+    if not origin:
+        # A local fake Stripe (tests, development) serves its hosted page from its API's own origin.
+        api = urlsplit(config["STRIPE_API_BASE"])
+        origin = f"{api.scheme}://{api.netloc}" if api.hostname in LOCAL_HOSTS else STRIPE_CHECKOUT_ORIGIN
+    origin = origin.rstrip("/")
+    if not _ORIGIN.fullmatch(origin):
+        raise RuntimeError(
+            f"STRIPE_CHECKOUT_ORIGIN must be an origin (scheme, host and optional port), e.g. {STRIPE_CHECKOUT_ORIGIN}"
+        )
+    return origin
+
+
 def load(overrides: dict | None = None) -> dict:
     """Build the Flask config mapping from the environment, then apply ``overrides``.
 
@@ -140,6 +161,9 @@ def load(overrides: dict | None = None) -> dict:
         "STRIPE_API_BASE": env("STRIPE_API_BASE", "https://api.stripe.com"),
         "STRIPE_SECRET_KEY": env("STRIPE_SECRET_KEY", ""),
         "STRIPE_WEBHOOK_SECRET": env("STRIPE_WEBHOOK_SECRET", ""),
+        # The origin of Stripe's hosted Checkout page, the one form target the CSP allows besides the site;
+        # unset: https://checkout.stripe.com, or STRIPE_API_BASE's origin when that is a fake on this machine.
+        "STRIPE_CHECKOUT_ORIGIN": env("STRIPE_CHECKOUT_ORIGIN", ""),
         # 1: offer Stripe's stablecoin (USDC) payment method in Checkout beside cards.
         "STRIPE_CRYPTO": _bool(env("STRIPE_CRYPTO")),
         "CREDIT_PACKS_USD": env("CREDIT_PACKS_USD", "5,20,100"),
@@ -208,6 +232,7 @@ def load(overrides: dict | None = None) -> dict:
     for name in OPERATOR_SETTINGS:
         config[name] = config[name] or DEMO_OPERATOR[name]
     config["TRUSTED_HOSTS"] = _trusted_hosts(config)
+    config["STRIPE_CHECKOUT_ORIGIN"] = _checkout_origin(config)
     provider_keys = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY", "ELEVENLABS_API_KEY", "SUNO_API_KEY")
     no_keys = not any(config[k] for k in provider_keys)
     config["DEMO_PROVIDER"] = _bool(str(config["DEMO_PROVIDER"]), default=no_keys)

@@ -43,7 +43,6 @@ EMBEDDED_REDIS_PORT = 6390
 login_manager = LoginManager()
 csrf = CSRFProtect()
 limiter = Limiter(key_func=get_remote_address, strategy="fixed-window")
-talisman = Talisman()
 
 CSP = {
     "default-src": "'self'",
@@ -51,7 +50,7 @@ CSP = {
     "style-src": "'self'",
     "script-src": "'self'",
     "connect-src": "'self'",
-    "form-action": "'self'",
+    "form-action": "'self'",  # plus the Stripe Checkout origin, per app (init_web)
     "frame-ancestors": "'none'",
     "base-uri": "'none'",
     "object-src": "'none'",
@@ -190,13 +189,15 @@ def init_web(app: Flask, redis_url: str) -> None:
         return response
 
     limiter.init_app(app)
-    talisman.init_app(
+    # One Talisman per app: it keeps its options on itself, and the CSP differs between apps.
+    Talisman(
         app,
         # TLS ends at the proxy; a redirect would break API POSTs. HSTS keeps browsers on HTTPS.
         force_https=False,
         strict_transport_security=production,
         session_cookie_secure=production,
-        content_security_policy=CSP,
+        # The checkout form answers with a redirect to Stripe's hosted page; form-action governs it too.
+        content_security_policy={**CSP, "form-action": f"'self' {app.config['STRIPE_CHECKOUT_ORIGIN']}"},
         referrer_policy="strict-origin-when-cross-origin",
         frame_options="DENY",
     )

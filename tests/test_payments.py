@@ -8,6 +8,7 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 from sqlalchemy import func, select
 
 from broker import billing
@@ -46,8 +47,11 @@ def test_checkout_session_is_created_with_pack_metadata_and_return_urls(client, 
     assert session["url"] == created["url"]
     assert created["mode"] == "payment" and created["amount_total"] == 2000
     assert created["client_reference_id"] == str(tenant.account_id)
+    ref = created["metadata"].pop("checkout_ref")
     assert created["metadata"] == {"account_id": str(tenant.account_id), "credits_ucr": "2000000000", "pack": "usd20"}
     assert "{CHECKOUT_SESSION_ID}" in created["success_url"]
+    # The cancel link names the checkout by a random ref of its own (Stripe fills in the id only on success).
+    assert len(ref) >= 20 and created["cancel_url"].endswith(f"/dashboard/billing/return?canceled={ref}")
     purchases = client.get("/v1/purchases", headers=tenant.headers).json["data"]
     assert [(p["status"], p["credits"], p["amount_usd"]) for p in purchases] == [("pending", "2000.000000", "20")]
 
@@ -252,9 +256,7 @@ def test_success_page_fulfils_and_shows_the_purchase(app, client, tenant, stripe
     start = balance(app, tenant)
     redirect = client.post("/dashboard/billing/checkout", data={"pack": "usd5", "csrf_token": token})
     assert redirect.status_code == 303 and redirect.headers["Location"].startswith(stripe_fake.url + "/pay/")
-    import requests
-
-    back = requests.get(redirect.headers["Location"], allow_redirects=False, timeout=5)
+    back = requests.post(redirect.headers["Location"], data={"action": "pay"}, allow_redirects=False, timeout=5)
     assert back.status_code == 303
     target = urlsplit(back.headers["Location"])
     returned = client.get(f"{target.path}?{target.query}")
@@ -263,6 +265,196 @@ def test_success_page_fulfils_and_shows_the_purchase(app, client, tenant, stripe
     billing_page = client.get("/dashboard/billing").get_data(as_text=True)
     assert 'data-testid="purchase"' in billing_page and "500.000000" in billing_page
     assert_invariant(app)
+
+
+# -- the dashboard's checkout: the CSP, htmx, cancel returns, expiry and receipts -----------------
+
+
+def logged_in(app, client, tenant) -> str:
+    """Log the tenant in to the dashboard (a verified account); returns the billing page's CSRF token."""
+    from werkzeug.security import generate_password_hash
+
+    from broker.models import Account
+    from tests.test_dashboard import PASSWORD, csrf_from, login
+
+    db = app.extensions["broker"].db()
+    db.get(Account, tenant.account_id).password_hash = generate_password_hash(PASSWORD)
+    db.commit()
+    assert login(client, tenant.email).status_code == 302
+    return csrf_from(client.get("/dashboard/billing").get_data(as_text=True))
+
+
+def dashboard_checkout(client, token: str, stripe_fake, **form) -> dict:
+    """Buy from the billing page as a form without JavaScript does; returns the fake's new session."""
+    answer = client.post("/dashboard/billing/checkout", data={"csrf_token": token, **(form or {"pack": "usd5"})})
+    assert answer.status_code == 303 and answer.headers["Location"].startswith(stripe_fake.url + "/pay/")
+    return stripe_fake.session(answer.headers["Location"].rpartition("/")[2])
+
+
+def come_back(client, location: str):
+    """Follow the hosted page's 303 back to the broker, as the buyer's browser does."""
+    target = urlsplit(location)
+    return client.get(f"{target.path}?{target.query}")
+
+
+def purchase_of(app, session_id: str) -> Purchase:
+    db = app.extensions["broker"].db()
+    db.expire_all()
+    return db.scalar(select(Purchase).where(Purchase.external_id == session_id))
+
+
+def test_pages_allow_forms_to_post_only_to_the_site_and_the_checkout_origin(app, client, stripe_fake):
+    policy = dict(
+        part.strip().split(" ", 1) for part in client.get("/login").headers["Content-Security-Policy"].split(";")
+    )
+    assert policy["form-action"] == f"'self' {stripe_fake.url}"
+
+
+@pytest.mark.parametrize(
+    ("settings", "origin"),
+    [
+        ({"STRIPE_API_BASE": "https://api.stripe.com"}, "https://checkout.stripe.com"),
+        ({"STRIPE_API_BASE": "http://127.0.0.1:12111"}, "http://127.0.0.1:12111"),
+        ({"STRIPE_API_BASE": "http://localhost:12111/"}, "http://localhost:12111"),
+        ({"STRIPE_API_BASE": "http://stripe-fake.internal:12111"}, "https://checkout.stripe.com"),
+        ({"STRIPE_CHECKOUT_ORIGIN": "https://pay.example.com/", "STRIPE_API_BASE": "http://127.0.0.1:1"}, None),
+    ],
+)
+def test_checkout_origin_setting_defaults_to_stripe_or_a_local_fake(settings, origin):
+    import config
+
+    loaded = config.load({"BROKER_ENV": "testing", "STRIPE_CHECKOUT_ORIGIN": "", **settings})
+    assert loaded["STRIPE_CHECKOUT_ORIGIN"] == (origin or "https://pay.example.com")
+
+
+@pytest.mark.parametrize("bad", ["https://checkout.stripe.com/pay", "checkout.stripe.com", "https://a b", "*"])
+def test_a_checkout_origin_that_is_not_an_origin_is_refused_at_start(bad):
+    import config
+
+    with pytest.raises(RuntimeError, match="STRIPE_CHECKOUT_ORIGIN"):
+        config.load({"BROKER_ENV": "testing", "STRIPE_CHECKOUT_ORIGIN": bad})
+
+
+def test_htmx_buy_answers_with_hx_redirect_and_a_refusal_in_the_card(app, client, tenant, stripe_fake):
+    token = logged_in(app, client, tenant)
+    htmx = {"HX-Request": "true", "X-CSRFToken": token}
+    answer = client.post("/dashboard/billing/checkout", data={"pack": "usd20"}, headers=htmx)
+    assert answer.status_code == 204 and answer.headers["HX-Redirect"].startswith(stripe_fake.url + "/pay/")
+    refused = client.post("/dashboard/billing/checkout", data={"amount_usd": "1"}, headers=htmx)
+    body = refused.get_data(as_text=True)
+    assert refused.status_code == 422 and body.startswith('<div id="billing"')
+    assert 'data-testid="billing-error"' in body and "amount_usd must be between" in body
+    assert len(stripe_fake.sessions) == 1
+
+
+def test_cancel_return_expires_the_session_then_marks_the_purchase_canceled(app, client, tenant, stripe_fake):
+    token = logged_in(app, client, tenant)
+    start = balance(app, tenant)
+    session = dashboard_checkout(client, token, stripe_fake)
+    left = requests.post(session["url"], data={"action": "cancel"}, allow_redirects=False, timeout=5)
+    assert left.status_code == 303 and "canceled=" in left.headers["Location"]
+    back = come_back(client, left.headers["Location"])
+    assert back.status_code == 302 and back.headers["Location"].endswith("/dashboard/billing")
+    assert stripe_fake.session(session["id"])["status"] == "expired"
+    assert [r.path for r in stripe_fake.requests if r.method == "POST"][-1].endswith(f"{session['id']}/expire")
+    assert purchase_of(app, session["id"]).status == "canceled"
+    assert balance(app, tenant) == start
+    page = client.get("/dashboard/billing").get_data(as_text=True)
+    assert "Checkout canceled; nothing was charged." in page and ">canceled</span>" in page
+    # The hosted page refuses the expired session; coming back again changes nothing.
+    assert requests.post(session["url"], data={"action": "pay"}, timeout=5).status_code == 410
+    assert come_back(client, left.headers["Location"]).status_code == 302
+    assert purchase_of(app, session["id"]).status == "canceled" and balance(app, tenant) == start
+    assert_invariant(app)
+
+
+def test_cancel_return_of_a_session_already_paid_fulfils_it(app, client, tenant, stripe_fake):
+    token = logged_in(app, client, tenant)
+    start = balance(app, tenant)
+    session = dashboard_checkout(client, token, stripe_fake)
+    stripe_fake.pay(session["id"])  # paid in another tab before this one's Cancel came back
+    come_back(client, session["cancel_url"])
+    assert not [r for r in stripe_fake.requests if r.path.endswith("/expire")]
+    purchase = purchase_of(app, session["id"])
+    assert purchase.status == "paid" and balance(app, tenant) - start == 500_000_000
+    assert purchase.receipt_url == stripe_fake.charges[session["id"]]["receipt_url"]
+    assert_invariant(app)
+
+
+def test_cancel_return_racing_a_payment_fulfils_when_stripe_refuses_to_expire(app, client, tenant, stripe_fake):
+    token = logged_in(app, client, tenant)
+    start = balance(app, tenant)
+    session = dashboard_checkout(client, token, stripe_fake)
+    # The buyer's payment lands between the broker's read (open) and its expire: Stripe answers 400.
+    stripe_fake.before_next("POST", r"/v1/checkout/sessions/[^/]+/expire", lambda: stripe_fake.pay(session["id"]))
+    come_back(client, session["cancel_url"])
+    assert stripe_fake.session(session["id"])["status"] == "complete"
+    assert purchase_of(app, session["id"]).status == "paid"
+    assert balance(app, tenant) - start == 500_000_000
+    assert "Payment received: 500.000000 credits added." in client.get("/dashboard/billing").get_data(as_text=True)
+    assert_invariant(app)
+
+
+def test_cancel_return_leaves_the_purchase_pending_when_the_expire_fails(app, client, tenant, stripe_fake):
+    token = logged_in(app, client, tenant)
+    session = dashboard_checkout(client, token, stripe_fake)
+
+    def stripe_down() -> None:
+        for _ in range(3):  # the first try and the client's two retries
+            stripe_fake.queue_error(500)
+
+    stripe_fake.before_next("POST", r"/v1/checkout/sessions/[^/]+/expire", stripe_down)
+    assert come_back(client, session["cancel_url"]).status_code == 302
+    assert stripe_fake.session(session["id"])["status"] == "open"
+    assert purchase_of(app, session["id"]).status == "pending"
+    assert "could not be reached" in client.get("/dashboard/billing").get_data(as_text=True)
+    # Paid after all, the purchase is granted as usual.
+    requests.post(session["url"], data={"action": "pay"}, allow_redirects=False, timeout=5)
+    send(client, stripe_fake.event("checkout.session.completed", stripe_fake.session(session["id"])))
+    assert purchase_of(app, session["id"]).status == "paid"
+    assert_invariant(app)
+
+
+def test_a_cancel_link_with_another_ref_touches_no_checkout(app, client, tenant, stripe_fake):
+    token = logged_in(app, client, tenant)
+    session = dashboard_checkout(client, token, stripe_fake)
+    assert client.get("/dashboard/billing/return?canceled=not-the-ref").status_code == 302
+    assert stripe_fake.session(session["id"])["status"] == "open"
+    assert purchase_of(app, session["id"]).status == "pending"
+
+
+def test_expired_webhook_marks_a_pending_purchase_expired_and_never_a_paid_one(app, client, tenant, stripe_fake):
+    start = balance(app, tenant)
+    lapsed = checkout(client, tenant, pack="usd5")
+    event = stripe_fake.event("checkout.session.expired", stripe_fake.expire(lapsed["id"]))
+    assert send(client, event).json == {"received": True, "outcome": "expired"}
+    assert send(client, event).json["outcome"] == "duplicate"
+    assert purchase_of(app, lapsed["id"]).status == "expired"
+    paid = _paid_purchase(app, client, tenant, stripe_fake, pack="usd5")
+    forged_order = {**stripe_fake.session(paid["id"]), "status": "expired", "payment_status": "unpaid"}
+    send(client, stripe_fake.event("checkout.session.expired", forged_order))
+    assert purchase_of(app, paid["id"]).status == "paid"
+    assert balance(app, tenant) - start == 500_000_000
+    statuses = {p["id"]: p["status"] for p in client.get("/v1/purchases", headers=tenant.headers).json["data"]}
+    assert sorted(statuses.values()) == ["expired", "paid"]
+    assert_invariant(app)
+
+
+def test_fulfilment_stores_the_charge_receipt_read_through_the_payment_intent(app, client, tenant, stripe_fake):
+    session = _paid_purchase(app, client, tenant, stripe_fake)
+    charge = stripe_fake.charges[session["id"]]
+    retrieve = [r for r in stripe_fake.requests if r.method == "GET" and r.path.endswith(session["id"])][-1]
+    assert retrieve.form == {"expand": ["payment_intent.latest_charge"]}
+    purchase = purchase_of(app, session["id"])
+    assert purchase.receipt_url == charge["receipt_url"] and purchase.payment_intent == charge["payment_intent"]
+    listed = client.get("/v1/purchases", headers=tenant.headers).json["data"][0]
+    assert listed["receipt_url"] == charge["receipt_url"]
+    # An async payment: no receipt while it settles, the receipt once it is paid.
+    later = checkout(client, tenant, pack="usd5", crypto=True)
+    send(client, stripe_fake.event("checkout.session.completed", stripe_fake.complete_unpaid(later["id"])))
+    assert purchase_of(app, later["id"]).receipt_url is None
+    send(client, stripe_fake.event("checkout.session.async_payment_succeeded", stripe_fake.pay(later["id"])))
+    assert purchase_of(app, later["id"]).receipt_url == stripe_fake.charges[later["id"]]["receipt_url"]
 
 
 def test_coinbase_confirmed_grants_once_and_bad_signatures_change_nothing(app, client, tenant):

@@ -74,7 +74,8 @@ def test_create_retrieve_pay(fake: FakeStripe) -> None:
     )
     assert session.url == f"{fake.url}/pay/{session.id}"
     assert session.metadata.to_dict() == PARAMS["metadata"]
-    assert session.client_reference_id == "user_42" and session.payment_intent.startswith("pi_")
+    # Since API version 2022-08-01 the PaymentIntent is made when the buyer confirms, not with the session.
+    assert session.client_reference_id == "user_42" and session.payment_intent is None
     assert session.payment_method_types == ["card"] and session.livemode is False
     form = fake.requests[-1].form
     assert form["line_items"][0]["price_data"]["unit_amount"] == "1000"
@@ -85,6 +86,7 @@ def test_create_retrieve_pay(fake: FakeStripe) -> None:
     assert (paid["status"], paid["payment_status"]) == ("complete", "paid")
     again = c.v1.checkout.sessions.retrieve(session.id)
     assert (again.status, again.payment_status) == ("complete", "paid")
+    assert again.payment_intent.startswith("pi_") and again.url is None
 
 
 def test_errors(fake: FakeStripe) -> None:
@@ -110,9 +112,14 @@ def test_idempotency(fake: FakeStripe) -> None:
         )
 
 
-def test_hosted_page_redirects_and_crypto(fake: FakeStripe) -> None:
+def test_hosted_page_pay_redirects_to_success_and_crypto_settles_later(fake: FakeStripe) -> None:
     session = client(fake).v1.checkout.sessions.create(params=PARAMS)
-    r = requests.get(session.url, allow_redirects=False, timeout=5)
+    page = requests.get(session.url, timeout=5)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert "$20.00 USD" in page.text and "1000 credits × 2" in page.text
+    assert 'value="pay">Pay</button>' in page.text and 'value="cancel">Cancel</button>' in page.text
+    assert fake.sessions[session.id]["status"] == "open"  # looking is not paying
+    r = requests.post(session.url, data={"action": "pay"}, allow_redirects=False, timeout=5)
     assert r.status_code == 303
     assert r.headers["Location"] == f"https://broker.example/billing/success?session_id={session.id}"
     assert fake.sessions[session.id]["payment_status"] == "paid"
@@ -120,8 +127,60 @@ def test_hosted_page_redirects_and_crypto(fake: FakeStripe) -> None:
     fake.async_crypto = True
     crypto = client(fake).v1.checkout.sessions.create(params={**PARAMS, "payment_method_types": ["card", "crypto"]})
     assert crypto.payment_method_types == ["card", "crypto"]
-    assert requests.get(crypto.url, allow_redirects=False, timeout=5).status_code == 303
+    assert requests.post(crypto.url, data={"action": "pay"}, allow_redirects=False, timeout=5).status_code == 303
     assert (fake.sessions[crypto.id]["status"], fake.sessions[crypto.id]["payment_status"]) == ("complete", "unpaid")
+    assert fake.payment_intents[fake.sessions[crypto.id]["payment_intent"]]["status"] == "processing"
+
+
+def test_hosted_page_cancel_goes_to_cancel_url_and_leaves_the_session_open(fake: FakeStripe) -> None:
+    session = client(fake).v1.checkout.sessions.create(params=PARAMS)
+    r = requests.post(session.url, data={"action": "cancel"}, allow_redirects=False, timeout=5)
+    assert (r.status_code, r.headers["Location"]) == (303, PARAMS["cancel_url"])
+    assert (fake.sessions[session.id]["status"], fake.sessions[session.id]["payment_intent"]) == ("open", None)
+    assert requests.post(session.url, data={"action": "steal"}, timeout=5).status_code == 400
+    assert requests.get(f"{fake.url}/pay/cs_test_nope", timeout=5).status_code == 404
+
+
+def test_paid_session_expands_to_its_payment_intent_and_charge_with_a_receipt(fake: FakeStripe) -> None:
+    c = client(fake)
+    session = c.v1.checkout.sessions.create(params=PARAMS)
+    requests.post(session.url, data={"action": "pay"}, allow_redirects=False, timeout=5)
+    paid = c.v1.checkout.sessions.retrieve(session.id, params={"expand": ["payment_intent.latest_charge"]})
+    intent = paid.payment_intent
+    assert (intent.object, intent.status, intent.amount_received) == ("payment_intent", "succeeded", 2000)
+    charge = intent.latest_charge
+    assert (charge.object, charge.paid, charge.amount, charge.payment_intent) == ("charge", True, 2000, intent.id)
+    assert charge.receipt_url.startswith(f"{fake.url}/receipts/payment/")
+    receipt = requests.get(charge.receipt_url, timeout=5)
+    assert receipt.status_code == 200 and "$20.00 USD" in receipt.text
+    # The same through the PaymentIntent, and unexpanded ids where nothing is asked.
+    assert c.v1.payment_intents.retrieve(intent.id, params={"expand": ["latest_charge"]}).latest_charge.id == charge.id
+    assert c.v1.checkout.sessions.retrieve(session.id).payment_intent == intent.id
+    with pytest.raises(stripe.InvalidRequestError) as exc:
+        c.v1.checkout.sessions.retrieve(session.id, params={"expand": ["customer_details.nope"]})
+    assert exc.value.http_status == 400 and exc.value.param == "expand"
+
+
+def test_expire_only_an_open_session(fake: FakeStripe) -> None:
+    c = client(fake)
+    session = c.v1.checkout.sessions.create(params=PARAMS)
+    expired = c.v1.checkout.sessions.expire(session.id)
+    assert (expired.id, expired.status, expired.payment_status, expired.url) == (session.id, "expired", "unpaid", None)
+    assert requests.get(session.url, timeout=5).status_code == 410
+    assert requests.post(session.url, data={"action": "pay"}, timeout=5).status_code == 410
+    with pytest.raises(stripe.InvalidRequestError) as exc:
+        c.v1.checkout.sessions.expire(session.id)  # expired already
+    assert exc.value.http_status == 400 and exc.value.error.type == "invalid_request_error"
+
+    paid = c.v1.checkout.sessions.create(params=PARAMS)
+    fake.pay(paid.id)
+    with pytest.raises(stripe.InvalidRequestError) as exc:
+        c.v1.checkout.sessions.expire(paid.id)  # a complete session cannot be expired
+    assert exc.value.http_status == 400 and '"complete"' in exc.value.user_message
+    assert fake.sessions[paid.id]["status"] == "complete"
+    with pytest.raises(stripe.InvalidRequestError) as exc:
+        c.v1.checkout.sessions.expire("cs_test_missing")
+    assert exc.value.http_status == 404 and exc.value.code == "resource_missing"
 
 
 def test_signed_events_and_refunds(fake: FakeStripe) -> None:
@@ -141,7 +200,7 @@ def test_signed_events_and_refunds(fake: FakeStripe) -> None:
 
     charge, prev = fake.refund(session.id, 500)
     assert (charge["amount_refunded"], charge["refunded"], prev) == (500, False, {"amount_refunded": 0})
-    assert charge["payment_intent"] == session.payment_intent
+    assert charge["payment_intent"] == event["data"]["object"]["payment_intent"]
     charge, prev = fake.refund(session.id)
     assert (charge["amount_refunded"], charge["refunded"], prev) == (2000, True, {"amount_refunded": 500})
     refunded = fake.event("charge.refunded", charge, prev)

@@ -18,6 +18,9 @@ from broker.models import Purchase, WebhookEvent
 
 log = logging.getLogger(__name__)
 
+# How a purchase ends unpaid: the payment failed, the buyer left Checkout, or the session lapsed.
+UNPAID_ENDINGS = ("failed", "canceled", "expired")
+
 
 @dataclass(frozen=True)
 class Pack:
@@ -117,9 +120,10 @@ def grant_purchase(session: Session, ledger: Ledger, purchase: Purchase) -> bool
         f"{purchase.provider}-{purchase.external_id}",
         f"{purchase.provider} purchase {purchase.id}",
     )
+    # A payment the provider confirms wins over any unpaid ending we recorded before.
     session.execute(
         update(Purchase)
-        .where(Purchase.id == purchase.id, Purchase.status.in_(("pending", "failed")))
+        .where(Purchase.id == purchase.id, Purchase.status.in_(("pending", *UNPAID_ENDINGS)))
         .values(status="paid", paid_at=datetime.now(UTC))
     )
     session.commit()
@@ -128,11 +132,29 @@ def grant_purchase(session: Session, ledger: Ledger, purchase: Purchase) -> bool
 
 
 def mark_failed(session: Session, purchase: Purchase) -> None:
-    session.execute(
-        update(Purchase).where(Purchase.id == purchase.id, Purchase.status == "pending").values(status="failed")
+    end_unpaid(session, purchase, "failed")
+
+
+def end_unpaid(session: Session, purchase: Purchase, status: str) -> bool:
+    """A pending purchase ends without payment (``UNPAID_ENDINGS``); True if it was pending.
+
+    A purchase that is no longer pending (paid, or ended already) is left as it is.
+    """
+    if status not in UNPAID_ENDINGS:
+        raise ValueError(f"not an unpaid ending: {status}")
+    changed = session.execute(
+        update(Purchase).where(Purchase.id == purchase.id, Purchase.status == "pending").values(status=status)
     )
     session.commit()
     session.refresh(purchase)
+    return bool(changed.rowcount)
+
+
+def set_receipt(session: Session, purchase: Purchase, receipt_url: str | None) -> None:
+    """Keep the provider's receipt link of a paid purchase (shown on the billing page)."""
+    if receipt_url and purchase.receipt_url != receipt_url:
+        purchase.receipt_url = receipt_url[:500]
+        session.commit()
 
 
 def take_back(session: Session, ledger: Ledger, purchase: Purchase, refunded_cents: int, refund_id: str) -> int:
@@ -195,6 +217,18 @@ def purchases_of(session: Session, account_id: int, limit: int = 100) -> list[Pu
     )
 
 
+def pending_of(session: Session, account_id: int, provider: str, limit: int = 10) -> list[Purchase]:
+    """The account's newest pending purchases with one provider (checkouts not yet paid or ended)."""
+    return list(
+        session.scalars(
+            select(Purchase)
+            .where(Purchase.account_id == account_id, Purchase.provider == provider, Purchase.status == "pending")
+            .order_by(Purchase.id.desc())
+            .limit(limit)
+        )
+    )
+
+
 def get_purchase(session: Session, purchase_id: int) -> Purchase:
     purchase = session.get(Purchase, purchase_id)
     if purchase is None:
@@ -216,6 +250,7 @@ def purchase_json(purchase: Purchase) -> dict:
         "refunded_credits": pricing.format_credits(purchase.refunded_ucr),
         "created_at": _iso(purchase.created_at),
         "paid_at": _iso(purchase.paid_at),
+        "receipt_url": purchase.receipt_url,
     }
 
 

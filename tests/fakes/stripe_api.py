@@ -1,4 +1,8 @@
-"""Stateful fake Stripe API plus Stripe/Coinbase Commerce webhook signing helpers (PROVIDERS.md §8, §9)."""
+"""Stateful fake Stripe API plus Stripe/Coinbase Commerce webhook signing helpers (PROVIDERS.md §8, §9).
+
+Besides the API it serves a stand-in for Stripe's hosted Checkout page (`GET /pay/{id}`, with
+**Pay** and **Cancel** buttons that work without JavaScript) and the charge's receipt page.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import copy
 import hashlib
 import hmac
+import html
 import json
 import re
 import secrets
@@ -14,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -178,15 +183,18 @@ class FakeStripe:
         self.port = port
         self.url = ""  # STRIPE_API_BASE, e.g. http://127.0.0.1:PORT
         self.api_key = api_key  # when set, only this exact key is accepted (else any sk_test_…)
-        self.async_crypto = async_crypto  # GET /pay/{id} of a crypto session leaves it complete + unpaid
+        self.async_crypto = async_crypto  # Pay on the hosted page of a crypto session leaves it complete + unpaid
         self.record = record
         self.sessions: dict[str, JSONDict] = {}  # live checkout.session objects by id
-        self.charges: dict[str, JSONDict] = {}  # charge objects by session id (created on first refund)
+        self.payment_intents: dict[str, JSONDict] = {}  # payment_intent objects by id (made when a session completes)
+        self.charges: dict[str, JSONDict] = {}  # charge objects by session id (made when a session is paid)
+        self.receipts: dict[str, str] = {}  # receipt token (the end of a charge's receipt_url) -> session id
         self.events: list[JSONDict] = []  # every envelope built by `event()`
         self.requests: list[StripeRequest] = []
         self.idempotency: dict[str, _Saved] = {}
         self._async_crypto_default = async_crypto
         self._errors: deque[_StripeError] = deque()
+        self._hooks: list[tuple[str, Callable[[], object]]] = []
         self._lock = threading.RLock()
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -228,11 +236,14 @@ class FakeStripe:
     def reset(self) -> None:
         with self._lock:
             self.sessions.clear()
+            self.payment_intents.clear()
             self.charges.clear()
+            self.receipts.clear()
             self.events.clear()
             self.requests.clear()
             self.idempotency.clear()
             self._errors.clear()
+            self._hooks.clear()
             self.async_crypto = self._async_crypto_default
 
     # ------------------------------------------------------------------ control methods for tests
@@ -249,6 +260,15 @@ class FakeStripe:
         with self._lock:
             self._errors.append(_StripeError(status, message, type=type, code=code))
 
+    def before_next(self, method: str, path_pattern: str, action: Callable[[], object]) -> None:
+        """Run `action` once, just before the next /v1 request whose method and path (a regex) match.
+
+        For races: e.g. the buyer pays in another tab while the broker asks to expire the session.
+        Errors the action queues (`queue_error`) are served to that same request.
+        """
+        with self._lock:
+            self._hooks.append((f"{method.upper()} {path_pattern}", action))
+
     def session(self, session_id: str) -> JSONDict:
         """A snapshot (deep copy) of the current session object."""
         with self._lock:
@@ -264,14 +284,15 @@ class FakeStripe:
 
     def fail(self, session_id: str) -> JSONDict:
         """The async payment failed (pair with `checkout.session.async_payment_failed`): complete + unpaid."""
-        return self._complete(session_id, "unpaid")
+        with self._lock:
+            session = self._complete(session_id, "unpaid")
+            self.payment_intents[session["payment_intent"]]["status"] = "requires_payment_method"
+            return session
 
     def expire(self, session_id: str) -> JSONDict:
-        """The session expired unpaid (pair with `checkout.session.expired`)."""
+        """The open session expired unpaid (pair with `checkout.session.expired`), as its `expires_at` passing does."""
         with self._lock:
-            session = self.sessions[session_id]
-            session.update(status="expired", url=None)
-            return copy.deepcopy(session)
+            return self._expire(session_id)
 
     def refund(self, session_id: str, amount: int | None = None) -> tuple[JSONDict, JSONDict]:
         """Refund `amount` (default: all that remains) of a paid session's charge.
@@ -283,25 +304,7 @@ class FakeStripe:
             session = self.sessions[session_id]
             if session["payment_status"] != "paid":
                 raise ValueError(f"session {session_id} is not paid")
-            charge = self.charges.get(session_id)
-            if charge is None:
-                charge = {
-                    "id": _stripe_id("ch_"),
-                    "object": "charge",
-                    "amount": session["amount_total"],
-                    "amount_captured": session["amount_total"],
-                    "amount_refunded": 0,
-                    "captured": True,
-                    "created": int(time.time()),
-                    "currency": session["currency"],
-                    "livemode": False,
-                    "metadata": copy.deepcopy(session.get("_payment_intent_metadata") or {}),
-                    "paid": True,
-                    "payment_intent": session["payment_intent"],
-                    "refunded": False,
-                    "status": "succeeded",
-                }
-                self.charges[session_id] = charge
+            charge = self.charges[session_id]
             previous = charge["amount_refunded"]
             remaining = charge["amount"] - previous
             amount = remaining if amount is None else amount
@@ -332,12 +335,104 @@ class FakeStripe:
         return copy.deepcopy(envelope)
 
     def _complete(self, session_id: str, payment_status: str) -> JSONDict:
+        """The buyer confirmed: the PaymentIntent exists from now on (API versions since 2022-08-01 create it
+        here, not with the session); a paid session also has its succeeded charge, with a `receipt_url`."""
         with self._lock:
             session = self.sessions[session_id]
             session.update(status="complete", payment_status=payment_status, url=None)
             if session["customer_details"] is None:
                 session["customer_details"] = _customer_details(session["customer_email"] or "buyer@example.com")
+            if session["mode"] == "payment":
+                intent = self._payment_intent_for(session)
+                intent["status"] = "processing"
+                if payment_status == "paid":
+                    charge = self._charge_for(session)
+                    intent.update(status="succeeded", amount_received=charge["amount"], latest_charge=charge["id"])
             return _public(session)
+
+    def _payment_intent_for(self, session: JSONDict) -> JSONDict:
+        if session["payment_intent"] is None:
+            intent = {
+                "id": _stripe_id("pi_"),
+                "object": "payment_intent",
+                "amount": session["amount_total"],
+                "amount_received": 0,
+                "created": int(time.time()),
+                "currency": session["currency"],
+                "latest_charge": None,
+                "livemode": False,
+                "metadata": copy.deepcopy(session.get("_payment_intent_metadata") or {}),
+                "payment_method_types": list(session["payment_method_types"]),
+                "status": "requires_payment_method",
+            }
+            self.payment_intents[intent["id"]] = intent
+            session["payment_intent"] = intent["id"]
+        return self.payment_intents[session["payment_intent"]]
+
+    def _charge_for(self, session: JSONDict) -> JSONDict:
+        charge = self.charges.get(session["id"])
+        if charge is None:
+            token = _stripe_id("", 40)
+            email = (session.get("customer_details") or {}).get("email")
+            charge = {
+                "id": _stripe_id("ch_"),
+                "object": "charge",
+                "amount": session["amount_total"],
+                "amount_captured": session["amount_total"],
+                "amount_refunded": 0,
+                "captured": True,
+                "created": int(time.time()),
+                "currency": session["currency"],
+                "livemode": False,
+                "metadata": copy.deepcopy(session.get("_payment_intent_metadata") or {}),
+                "paid": True,
+                "payment_intent": session["payment_intent"],
+                "receipt_email": email,
+                "receipt_url": f"{self.url}/receipts/payment/{token}",
+                "refunded": False,
+                "status": "succeeded",
+            }
+            self.charges[session["id"]] = charge
+            self.receipts[token] = session["id"]
+        return charge
+
+    def _expire(self, session_id: str) -> JSONDict:
+        """`POST /v1/checkout/sessions/{id}/expire`: only an `open` session can be expired (Stripe's rule)."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise _StripeError(404, f"No such checkout.session: '{session_id}'", code="resource_missing", param="id")
+        if session["status"] != "open":
+            # Stripe answers 400 invalid_request_error; the exact message is not verified against live Stripe.
+            raise _StripeError(
+                400,
+                f'Only Checkout Sessions with a status in ["open"] can be expired. '
+                f'This Checkout Session has a status of "{session["status"]}".',
+            )
+        session.update(status="expired", url=None)
+        return _public(session)
+
+    def _expand(self, obj: JSONDict, paths: Any) -> JSONDict:
+        """Replace ids named by `expand[]` paths (`payment_intent`, `payment_intent.latest_charge`) by their objects."""
+        if paths is None:
+            return obj
+        if not isinstance(paths, list):
+            raise _StripeError(400, "Invalid array", code="parameter_invalid_array", param="expand")
+        for path in paths:
+            node: Any = obj
+            for name in str(path).split("."):
+                if not isinstance(node, dict) or name not in _EXPANDABLE or name not in node:
+                    raise _StripeError(400, f"This property cannot be expanded ({path}).", param="expand")
+                if isinstance(node[name], str):
+                    node[name] = self._find(name, node[name])
+                node = node[name]
+                if node is None:
+                    break
+        return obj
+
+    def _find(self, kind: str, object_id: str) -> JSONDict:
+        if _EXPANDABLE[kind] == "payment_intent":
+            return self._retrieve_payment_intent(object_id)
+        return self._retrieve_charge(object_id)
 
     # ------------------------------------------------------------------ WSGI
 
@@ -359,7 +454,9 @@ class FakeStripe:
             with self._lock:
                 self.requests.append(StripeRequest(method, path, query, headers, form, idem))
         if path.startswith("/pay/"):
-            return self._hosted_page(path[len("/pay/") :], query, start_response)
+            return self._hosted_page(method, path[len("/pay/") :], form, start_response)
+        if path.startswith("/receipts/payment/") and method == "GET":
+            return self._receipt_page(path[len("/receipts/payment/") :], start_response)
         extra: _Headers = [("Request-Id", _stripe_id("req_", 14))]
         if "stripe-version" in headers:
             extra.append(("Stripe-Version", headers["stripe-version"]))
@@ -370,6 +467,10 @@ class FakeStripe:
                 raise bad_form
             self._authenticate(headers)
             with self._lock:
+                hook = next((h for h in self._hooks if re.fullmatch(h[0], f"{method} {path}")), None)
+                if hook is not None:
+                    self._hooks.remove(hook)
+                    hook[1]()
                 if self._errors:
                     raise self._errors.popleft()
             if path == "/v1/checkout/sessions" and method == "POST":
@@ -379,7 +480,17 @@ class FakeStripe:
                 return _respond(start_response, status, extra, body)
             match = re.fullmatch(r"/v1/checkout/sessions/([^/]+)", path)
             if match and method == "GET":
-                return _respond(start_response, 200, extra, _dumps(self._retrieve(match.group(1))))
+                found = self._expand(self._retrieve(match.group(1)), form.get("expand"))
+                return _respond(start_response, 200, extra, _dumps(found))
+            match = re.fullmatch(r"/v1/checkout/sessions/([^/]+)/expire", path)
+            if match and method == "POST":
+                with self._lock:
+                    expired = self._expire(match.group(1))
+                return _respond(start_response, 200, extra, _dumps(expired))
+            match = re.fullmatch(r"/v1/payment_intents/([^/]+)", path)
+            if match and method == "GET":
+                found = self._expand(self._retrieve_payment_intent(match.group(1)), form.get("expand"))
+                return _respond(start_response, 200, extra, _dumps(found))
             match = re.fullmatch(r"/v1/charges/([^/]+)", path)
             if match and method == "GET":
                 return _respond(start_response, 200, extra, _dumps(self._retrieve_charge(match.group(1))))
@@ -507,7 +618,7 @@ class FakeStripe:
             "livemode": False,
             "metadata": metadata,
             "mode": mode,
-            "payment_intent": _stripe_id("pi_") if mode == "payment" else None,
+            "payment_intent": None,  # made when the buyer confirms (`_complete`)
             "payment_method_types": methods,
             "payment_status": "unpaid",
             "status": "open",
@@ -515,8 +626,9 @@ class FakeStripe:
             "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
             "ui_mode": p.get("ui_mode") or "hosted_page",
             "url": f"{self.url}/pay/{sid}",
-            # private (stripped by `_public`): feeds the charge's metadata on refund
+            # private (stripped by `_public`): the PaymentIntent's and charge's metadata, and what the page shows
             "_payment_intent_metadata": (pi_data or {}).get("metadata") if isinstance(pi_data, dict) else None,
+            "_items": [(item["price_data"]["product_data"]["name"], _as_int(item["quantity"], "")) for item in items],
         }
 
     def _retrieve(self, session_id: str) -> JSONDict:
@@ -538,28 +650,99 @@ class FakeStripe:
                     return copy.deepcopy(charge)
         raise _StripeError(404, f"No such charge: '{charge_id}'", code="resource_missing", param="id")
 
-    def _hosted_page(self, session_id: str, query: str, start_response: StartResponse) -> list[bytes]:
-        """Stand-in for checkout.stripe.com: pay (or `?cancel=1`) and 303 back to the merchant."""
+    def _retrieve_payment_intent(self, intent_id: str) -> JSONDict:
+        with self._lock:
+            intent = self.payment_intents.get(intent_id)
+            if intent is None:
+                raise _StripeError(
+                    404, f"No such payment_intent: '{intent_id}'", code="resource_missing", param="intent"
+                )
+            return copy.deepcopy(intent)
+
+    def _hosted_page(self, method: str, session_id: str, form: JSONDict, start_response: StartResponse) -> list[bytes]:
+        """Stand-in for checkout.stripe.com: a page with Pay and Cancel; each posts back here and 303s onwards.
+
+        Pay completes the session (paid, or unpaid while a crypto payment settles when `async_crypto`)
+        and goes to `success_url` with `{CHECKOUT_SESSION_ID}` filled in; Cancel goes to `cancel_url`
+        and leaves the session open, as Stripe's back link does.
+        """
         with self._lock:
             session = self.sessions.get(session_id)
             if session is None:
-                return _text(start_response, 404, "No such Checkout Session.")
+                return _html(start_response, 404, "Not found", "<h1>No such Checkout Session</h1>")
             if session["status"] == "expired":
-                return _text(start_response, 410, "This Checkout Session has expired.")
-            if dict(parse_qsl(query)).get("cancel") and session["status"] == "open":
+                return _html(start_response, 410, "Expired", "<h1>This Checkout Session has expired</h1>")
+            if method != "POST":
+                return _html(start_response, 200, "Pay", self._checkout_body(session))
+            action = form.get("action")
+            if action == "cancel" and session["status"] == "open":
                 target = session.get("cancel_url") or session["success_url"]
-            else:
+            elif action in ("pay", "cancel"):
                 if session["status"] == "open":
                     crypto = "crypto" in session["payment_method_types"]
                     self._complete(session_id, "unpaid" if crypto and self.async_crypto else "paid")
                 target = session["success_url"]
+            else:
+                return _html(start_response, 400, "Bad request", "<h1>Choose Pay or Cancel</h1>")
         location = target.replace("{CHECKOUT_SESSION_ID}", session_id)
-        body = f'<a href="{location}">Continue</a>'.encode()
+        body = f'<a href="{html.escape(location)}">Continue</a>'.encode()
         start_response(
             _status_line(303),
-            [("Location", location), ("Content-Type", "text/html"), ("Content-Length", str(len(body)))],
+            [("Location", location), ("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body)))],
         )
         return [body]
+
+    def _checkout_body(self, session: JSONDict) -> str:
+        items = "".join(
+            f"<li>{html.escape(name)}{f' × {qty}' if qty != 1 else ''}</li>" for name, qty in session["_items"]
+        )
+        total = f"{_money(session['amount_total'], session['currency'])}"
+        if session["status"] != "open":
+            return f"<h1>Already paid</h1><p>{total}</p>"
+        return (
+            f"<h1>Pay {total}</h1><ul>{items}</ul>"
+            f'<form method="post" action="/pay/{html.escape(session["id"])}">'
+            '<button type="submit" name="action" value="pay">Pay</button> '
+            '<button type="submit" name="action" value="cancel">Cancel</button></form>'
+            "<p>Test mode (a local fake of Stripe Checkout): nothing is charged.</p>"
+        )
+
+    def _receipt_page(self, token: str, start_response: StartResponse) -> list[bytes]:
+        with self._lock:
+            session_id = self.receipts.get(token)
+            charge = self.charges.get(session_id) if session_id else None
+            if charge is None:
+                return _html(start_response, 404, "Not found", "<h1>No such receipt</h1>")
+            paid = datetime.fromtimestamp(charge["created"], UTC).strftime("%Y-%m-%d %H:%M UTC")
+            body = (
+                f"<h1>Receipt</h1><p>Amount paid: {_money(charge['amount'], charge['currency'])}</p>"
+                f"<p>Date paid: {paid}</p><p>Charge: {html.escape(charge['id'])}</p>"
+            )
+        return _html(start_response, 200, "Receipt", body)
+
+
+_EXPANDABLE = {"payment_intent": "payment_intent", "latest_charge": "charge"}
+
+
+def _money(cents: int, currency: str) -> str:
+    return f"${cents / 100:,.2f} {currency.upper()}" if currency == "usd" else f"{cents} {currency.upper()}"
+
+
+def _html(start_response: StartResponse, status: int, title: str, content: str) -> list[bytes]:
+    """A small self-contained page (no scripts, no external resources) in the fake's own origin."""
+    page = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">'
+        f"<title>{html.escape(title)} · Fake Stripe</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:30rem;margin:3rem auto;padding:0 1rem;color:#1a1a1a}"
+        "button{font:inherit;padding:.5rem 1.25rem;margin-right:.5rem}</style></head>"
+        f"<body><main>{content}</main></body></html>"
+    )
+    body = page.encode()
+    start_response(
+        _status_line(status), [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
 
 
 def _public(obj: JSONDict) -> JSONDict:
@@ -593,12 +776,6 @@ def _headers(environ: WSGIEnvironment) -> dict[str, str]:
 
 def _respond(start_response: StartResponse, status: int, headers: _Headers, body: bytes) -> list[bytes]:
     start_response(_status_line(status), [*headers, ("Content-Type", _JSON), ("Content-Length", str(len(body)))])
-    return [body]
-
-
-def _text(start_response: StartResponse, status: int, text: str) -> list[bytes]:
-    body = text.encode()
-    start_response(_status_line(status), [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 
 
