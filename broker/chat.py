@@ -170,6 +170,7 @@ def start(
         bound += pricing.text_token_bound(json.dumps(extra)) + count * DEFINITION_OVERHEAD_TOKENS
         if definitions:
             prompt_text += "\n" + json.dumps(definitions)
+    bound += _adapter_check(provider, price, req, messages, extra)
     fixed = int((bound * _rate(price.max_input_rate, m)).to_integral_value(rounding="ROUND_CEILING"))
     per_token = pricing.ucr_per_token(price.output, m.markup, m.credit_usd) * req.n
     if caller.marketplace:
@@ -190,6 +191,7 @@ def start(
         n=req.n,
         user=_namespaced(namespace, req.user, 256) if req.user else None,
         extra=_namespace_extra(namespace, extra),
+        rules=price.rules,
     )
     ctx = _Call(
         request_id,
@@ -205,6 +207,28 @@ def start(
     if req.stream:
         return _start_stream(m, ctx, provider)
     return _complete(m, ctx, provider)
+
+
+def _adapter_check(
+    provider: ChatProvider, price: ModelPrice, req: ChatCompletionRequest, messages: list[dict], extra: dict
+) -> int:
+    """The adapter's own checks (its provider's rules, data in the price table) and the prompt
+    tokens of the parts only it can bound (media), before anything is held. See ``ChatProvider``."""
+    check = getattr(provider, "check", None)
+    if check is None:
+        return 0
+    draft = ChatCall(
+        model=price.upstream_model,
+        messages=messages,
+        max_tokens=req.requested_max_tokens or price.max_output_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stop=req.stop,
+        n=req.n,
+        extra=extra,
+        rules=price.rules,
+    )
+    return check(draft)
 
 
 def _unsupported(name: str, message: str) -> InvalidRequest:

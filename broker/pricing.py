@@ -48,6 +48,8 @@ class ModelPrice:
     units_per_char: Decimal = ZERO
     max_chars: int = 0
     usd_per_generation: Decimal = ZERO
+    # Provider rules the adapter checks before calling (chat), as the row's ``rules`` object.
+    rules: dict = field(default_factory=dict)
 
     @property
     def max_input_rate(self) -> Decimal:
@@ -76,6 +78,7 @@ def _model(model_id: str, row: dict) -> ModelPrice:
         effective_from=row["effective_from"],
         source=row["source"],
         image_output_tokens=row.get("image_output_tokens", {}),
+        rules=row.get("rules", {}),
         **values,
     )
 

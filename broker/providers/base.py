@@ -57,6 +57,8 @@ class ChatCall:
     n: int = 1
     user: str | None = None
     extra: dict = field(default_factory=dict)
+    # The model's provider rules from the price table (``rules`` of its row), for the adapter.
+    rules: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -150,6 +152,11 @@ class ChatProvider(Protocol):
     """``accepts``: the OpenAI request fields beyond the basic ones (``tools``,
     ``response_format``, …) the adapter takes; any other set field is a 400
     ``unsupported_parameter`` before anything is held. An adapter without it takes none.
+
+    An adapter may also have ``check(call) -> int``, run before anything is held: it raises
+    ``InvalidRequest`` for what the provider's rules (``call.rules``) forbid and returns the
+    prompt tokens of parts only it can bound (media by the provider's token rules), added to
+    the hold's bound. ``call.max_tokens`` is then the requested (or the model's) maximum.
     """
 
     name: str

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from flask import Blueprint, Response, make_response, render_template, request
+from flask import Blueprint, Response, current_app, make_response, render_template, request
 from flask_login import current_user, login_required
 
-from broker import pricing, usage
+from broker import docs_render, getting_started, hosts, usage
 from broker.extensions import services
+from broker.web import enabled_models
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 PAGE = 20
@@ -58,32 +59,47 @@ def fresh_usage() -> None:
 
 
 def _balance_context() -> dict:
+    """Amounts in micro-credits; the templates format them (``credits`` and ``credits_usd`` filters)."""
     svc = services()
     snap = svc.ledger.snapshot(account_id())
     now = datetime.now(UTC)
     session = svc.db()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     return {
-        "available": pricing.format_credits(snap["balance"]),
-        "held": pricing.format_credits(snap["holds_sum"]),
-        "today": pricing.format_credits(
-            usage.spent_since(session, account_id(), now.replace(hour=0, minute=0, second=0, microsecond=0))
-        ),
-        "month": pricing.format_credits(
-            usage.spent_since(session, account_id(), now.replace(day=1, hour=0, minute=0, second=0, microsecond=0))
-        ),
+        "available_ucr": snap["balance"],
+        "held_ucr": snap["holds_sum"],
+        "today_ucr": usage.spent_since(session, account_id(), midnight),
+        "month_ucr": usage.spent_since(session, account_id(), midnight.replace(day=1)),
+    }
+
+
+def _overview_context() -> dict:
+    """The balance, the last few requests and the first steps with a first call to copy."""
+    fresh_usage()
+    session = services().db()
+    context = _balance_context()
+    steps = getting_started.progress(session, account_id(), current_user.verified, context["available_ucr"])
+    chat_model = docs_render.default_models(enabled_models())["chat"]
+    return {
+        **context,
+        "recent": usage.list_usage(session, account_id(), limit=5)["data"],
+        "steps": steps,
+        "trial_credits": current_app.config["TRIAL_CREDITS"],
+        "base_url": hosts.public_base_url(),
+        "first_call": docs_render.quickstart(hosts.public_base_url(), chat_model),
     }
 
 
 @bp.get("/")
 def overview():
-    fresh_usage()
-    recent = usage.list_usage(services().db(), account_id(), limit=5)["data"]
-    return render("dashboard/overview.html", "dashboard/_balance.html", recent=recent, **_balance_context())
+    return render("dashboard/overview.html", "dashboard/_balance.html", **_overview_context())
 
 
 @bp.get("/balance")
 def balance():
-    return render("dashboard/overview.html", "dashboard/_balance.html", recent=[], **_balance_context())
+    if is_partial():
+        return render("dashboard/overview.html", "dashboard/_balance.html", **_balance_context())
+    return render("dashboard/overview.html", "dashboard/_balance.html", **_overview_context())
 
 
 from broker.web.dashboard import billing, jobs, keys, usage_pages  # noqa: E402,F401  (routes register on bp)
