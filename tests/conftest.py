@@ -214,6 +214,8 @@ def migrated_db(tmp_path_factory):
 def app_config(tmp_path, redis_url: str, upstream: FakeUpstream, db_url: str, stripe_url: str = "") -> dict:
     return {
         "STRIPE_API_BASE": stripe_url or "http://127.0.0.1:9",
+        # The fake's hosted Checkout page is on its API's origin; set, so no STRIPE_CHECKOUT_ORIGIN in .env leaks in.
+        "STRIPE_CHECKOUT_ORIGIN": stripe_url or "http://127.0.0.1:9",
         "STRIPE_WEBHOOK_SECRET": STRIPE_WEBHOOK_SECRET,
         "STRIPE_CRYPTO": True,
         "COINBASE_WEBHOOK_SECRET": COINBASE_WEBHOOK_SECRET,
