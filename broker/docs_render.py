@@ -465,9 +465,95 @@ def examples(op_id: str, method: str, path: str, op: dict, body: object, base_ur
         Example(f"{op_id}-curl", "curl", "shell", curl_code),
         Example(f"{op_id}-python", "Python (requests)", "python", "\n".join(lines)),
     ]
-    if path in SDK_PATHS and isinstance(body, dict):
+    sdk = path in SDK_PATHS and isinstance(body, dict)
+    if sdk:
         result.append(Example(f"{op_id}-openai", "Python (openai SDK)", "python", _sdk_example(path, body, base)))
+    fetch = _fetch_example(method, url, query, body, auth, binary)
+    result.append(Example(f"{op_id}-fetch", "JavaScript (fetch)", "javascript", fetch))
+    if sdk:
+        result.append(
+            Example(f"{op_id}-openai-js", "JavaScript (openai SDK)", "javascript", _js_sdk_example(path, body, base))
+        )
     return result
+
+
+def js_literal(value: object, indent: int = 0, expand: bool = False) -> str:
+    """A value as JavaScript source, laid out as prettier would for short structures (``expand``: never on one line)."""
+    pad = " " * indent
+    if isinstance(value, dict) and value:
+        parts = [f"{_js_key(k)}: {js_literal(v, indent + 2)}" for k, v in value.items()]
+        one_line = "{ " + ", ".join(parts) + " }"
+        if not expand and len(one_line) + indent < 72 and "\n" not in one_line:
+            return one_line
+        return "{\n" + "".join(f"{pad}  {part},\n" for part in parts) + pad + "}"
+    if isinstance(value, list) and value:
+        parts = [js_literal(v, indent + 2) for v in value]
+        one_line = "[" + ", ".join(parts) + "]"
+        if len(one_line) + indent < 72 and "\n" not in one_line:
+            return one_line
+        return "[\n" + "".join(f"{pad}  {part},\n" for part in parts) + pad + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _js_key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z_$][A-Za-z0-9_$]*", name) else json.dumps(name)
+
+
+JS_KEY = f"process.env.{PLACEHOLDER_KEY}"
+
+
+def _fetch_example(method: str, url: str, query: dict, body: object, auth: bool, binary: bool) -> str:
+    """``fetch`` (Node 18+ or a browser's, as an ES module: top-level ``await``)."""
+    target = url + ("?" + "&".join(f"{k}={v}" for k, v in query.items()) if query else "")
+    options = []
+    if method != "get":
+        options.append(f'  method: "{method.upper()}",')
+    headers = []
+    if auth:
+        headers.append(f"    Authorization: `Bearer ${{{JS_KEY}}}`,")
+    if body is not None:
+        headers.append('    "Content-Type": "application/json",')
+    if headers:
+        options += ["  headers: {", *headers, "  },"]
+    if body is not None:
+        options.append(f"  body: JSON.stringify({js_literal(body, 2)}),")
+    lines = ['import { writeFile } from "node:fs/promises";', ""] if binary else []
+    call = f'const response = await fetch("{target}"' + (", {" if options else ");")
+    lines.append(call)
+    if options:
+        lines += [*options, "});"]
+    lines.append("if (!response.ok) throw new Error((await response.json()).error.message);")
+    if binary:
+        lines.append('await writeFile("result.bin", Buffer.from(await response.arrayBuffer()));')
+    else:
+        lines.append("console.log(await response.json());")
+    return "\n".join(lines)
+
+
+def _js_sdk_example(path: str, body: dict, base: str) -> str:
+    """The official ``openai`` npm package pointed at this server (ES module: top-level ``await``)."""
+    head = [
+        'import OpenAI from "openai";',
+        "",
+        f'const client = new OpenAI({{ baseURL: "{base}/v1", apiKey: {JS_KEY} }});',
+    ]
+    if path == "/v1/chat/completions":
+        return "\n".join(
+            [
+                *head,
+                f"const completion = await client.chat.completions.create({js_literal(body, expand=True)});",
+                "console.log(completion.choices[0].message.content);",
+                'console.log(completion.usage.cost_credits, "credits");',
+            ]
+        )
+    return "\n".join(
+        [
+            *head,
+            "// /v1/chat is not an SDK method: post to it with the SDK's own client.",
+            f'const completion = await client.post("/chat", {{ body: {js_literal(body, expand=True)} }});',
+            "console.log(completion.choices[0].message.content);",
+        ]
+    )
 
 
 def _sdk_example(path: str, body: dict, base: str) -> str:
@@ -571,6 +657,7 @@ class Reference:
     error_fields: list[FieldRow]
     models: dict[str, str] = field(default_factory=dict)
     guides: dict[str, Example] = field(default_factory=dict)
+    quickstart: list[Example] = field(default_factory=list)
 
 
 def _parameter(param: dict, spec: dict) -> Parameter:
@@ -719,11 +806,12 @@ def reference(spec: dict, base_url: str, error_meanings: dict[str, str], models:
         error_fields=field_rows(error_ref, spec, ERROR_NOTES) if has_error_schema else [],
         models=models,
         guides=guide_examples(base_url, models),
+        quickstart=quickstart(base_url, models["chat"]),
     )
 
 
 def quickstart(base_url: str, model: str) -> list[Example]:
-    """The landing page's first call: curl and the ``openai`` SDK."""
+    """A first call: curl, the ``openai`` SDK for Python, then for JavaScript, then ``fetch`` (in that order)."""
     base = base_url.rstrip("/")
     body = {"model": model, "messages": [{"role": "user", "content": "Hello"}]}
     curl = (
@@ -735,6 +823,13 @@ def quickstart(base_url: str, model: str) -> list[Example]:
     return [
         Example("qs-curl", "curl", "shell", curl),
         Example("qs-python", "Python (openai SDK)", "python", _sdk_example("/v1/chat/completions", body, base)),
+        Example("qs-js", "JavaScript (openai SDK)", "javascript", _js_sdk_example("/v1/chat/completions", body, base)),
+        Example(
+            "qs-fetch",
+            "JavaScript (fetch)",
+            "javascript",
+            _fetch_example("post", base + "/v1/chat/completions", {}, body, True, False),
+        ),
     ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 import html5lib
 import pytest
@@ -53,15 +53,19 @@ def plain(value: Decimal) -> str:
     return format(value.normalize(), "f")
 
 
-def dollars(value: Decimal) -> str:
-    whole, _, frac = plain(value).partition(".")
-    return f"${whole}.{frac.ljust(2, '0')}"
+def rounded(value: Decimal, min_places: int) -> str:
+    """As the pages show prices: to the cent from 1 up, else to 4 significant digits; thousands separated."""
+    step = Decimal("0.01") if value >= 1 else Decimal(1).scaleb(min(-2, value.adjusted() - 3))
+    text = f"{value.quantize(step, rounding=ROUND_HALF_UP):,f}"
+    whole, _, frac = text.partition(".")
+    frac = frac.rstrip("0").ljust(min_places, "0")
+    return f"{whole}.{frac}" if frac else whole
 
 
 def expected(app, usd: str | Decimal) -> tuple[str, str]:
-    """(credits, dollars) for a provider price in USD, with the app's markup and credit value."""
+    """(credits, dollars) as the pages show a provider price in USD, with the app's markup and credit value."""
     credits = Decimal(usd) * app.config["MARKUP"] / app.config["CREDIT_USD"]
-    return plain(credits), dollars(credits * app.config["CREDIT_USD"])
+    return rounded(credits, 0), "$" + rounded(credits * app.config["CREDIT_USD"], 2)
 
 
 @pytest.mark.parametrize("path", PAGES)
@@ -143,7 +147,7 @@ def test_pricing_lists_every_model_with_markup_applied(app, client):
     assert f"{credits} cr" in card and usd in card
     tokens = image["image_output_tokens"]["high"]["1024x1024"]
     credits, usd = expected(app, Decimal(tokens) * Decimal(image["output"]) / MILLION)
-    assert (credits, usd) == ("29.952", "$0.29952")
+    assert (credits, usd) == ("29.95", "$0.2995")  # exactly 29.952 credits, $0.29952: rounded to read
     assert f"{credits} cr" in card and usd in card
 
     # The basis of the numbers is shown.
@@ -272,7 +276,13 @@ def test_copy_buttons_and_code_tabs_work_in_a_browser(live_server):
             page.goto(live_server + "/docs")
             operation = page.locator("#op-post-v1-chat-completions")
             tabs = operation.locator("[role=tab]")
-            assert tabs.all_inner_texts() == ["curl", "Python (requests)", "Python (openai SDK)"]
+            assert tabs.all_inner_texts() == [
+                "curl",
+                "Python (requests)",
+                "Python (openai SDK)",
+                "JavaScript (fetch)",
+                "JavaScript (openai SDK)",
+            ]
             assert page.locator("#post-v1-chat-completions-curl").is_visible()
             assert page.locator("#post-v1-chat-completions-openai").is_hidden()
             tabs.nth(2).click()

@@ -20,7 +20,14 @@ from broker import ROOT, docs_render, hosts, metrics
 from broker.extensions import services
 from broker.ledger import EXPIRY
 from broker.models import Job
-from broker.pricing import ModelPrice, price_summary
+from broker.pricing import (
+    ModelPrice,
+    format_credits_short,
+    format_usd,
+    price_summary,
+    readable_number,
+    ucr_to_usd,
+)
 from broker.web import errors
 
 bp = Blueprint("public", __name__)
@@ -60,7 +67,6 @@ class PricedModel:
     enabled: bool
     effective_from: str
     source_url: str
-    source_note: str
     rates: dict[str, Money]
     image_sizes: list[str] = field(default_factory=list)
     per_image: list[tuple[str, list[Money | None]]] = field(default_factory=list)
@@ -78,6 +84,13 @@ class PricedModel:
     @property
     def source_host(self) -> str:
         return self.source_url.split("/")[2] if self.source_url else ""
+
+    @property
+    def source_label(self) -> str:
+        """Where the price comes from, for customers: the price table's own notes are the operator's."""
+        if self.source_url:
+            return self.source_host
+        return "a simulation, no provider cost" if self.demo else "set by this service"
 
     @property
     def demo(self) -> bool:
@@ -100,15 +113,24 @@ class PricedModel:
         return [("per song (one generation)", self.rates["per_generation"])]
 
 
-def usd(amount: Decimal) -> str:
-    """Dollars with at least two decimals and no trailing zeros beyond them: 0.27, 0.0045, 12.00."""
-    text_ = format(amount.normalize(), "f")
-    whole, _, frac = text_.partition(".")
-    return f"${whole}.{frac.ljust(2, '0')}"
-
-
 def money(credits: str, credit_usd: Decimal) -> Money:
-    return Money(credits, usd(Decimal(credits) * credit_usd))
+    """A price to read: credits without trailing zeros (``27``, ``29.95``), dollars to the cent or 4 digits."""
+    amount = Decimal(credits)
+    return Money(readable_number(amount, min_places=0), format_usd(amount * credit_usd))
+
+
+@bp.app_template_filter("credits")
+def credits_filter(value: int | str | Decimal) -> str:
+    """``{{ ucr | credits }}`` (an int is micro-credits; a string or Decimal is credits), for lists and balances."""
+    if isinstance(value, int):
+        return format_credits_short(value)
+    return readable_number(Decimal(value))
+
+
+@bp.app_template_filter("credits_usd")
+def credits_usd_filter(ucr: int) -> str:
+    """``{{ ucr | credits_usd }}``: what an amount of micro-credits is worth in US dollars (``CREDIT_USD``)."""
+    return format_usd(ucr_to_usd(ucr, current_app.config["CREDIT_USD"]))
 
 
 def enabled_providers() -> dict[str, set[str]]:
@@ -135,9 +157,10 @@ def enabled_models() -> dict[str, list[str]]:
 def priced(price: ModelPrice, markup: Decimal, credit_usd: Decimal, enabled: dict[str, set[str]]) -> PricedModel:
     """One model's prices in credits and USD (markup applied), from ``price_summary``."""
     summary = price_summary(price, markup, credit_usd)
-    url, _, note = price.source.partition(" ")
+    # Only the source's address is shown: the rest of the price table's "source" is the operator's note.
+    url = price.source.partition(" ")[0]
     if not url.startswith("https://"):
-        url, note = "", price.source
+        url = ""
     model = PricedModel(
         id=price.id,
         provider=price.provider,
@@ -145,7 +168,6 @@ def priced(price: ModelPrice, markup: Decimal, credit_usd: Decimal, enabled: dic
         enabled=price.provider in enabled.get(price.kind, set()),
         effective_from=price.effective_from,
         source_url=url,
-        source_note=note.strip().strip("()"),
         rates={},
         max_output_tokens=price.max_output_tokens,
         context_window=price.context_window,
