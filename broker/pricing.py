@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, Decimal
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 from broker.errors import NotFound
@@ -199,6 +199,40 @@ def format_credits(ucr: int) -> str:
     sign = "-" if ucr < 0 else ""
     whole, frac = divmod(abs(ucr), UCR_PER_CREDIT)
     return f"{sign}{whole}.{frac:06d}"
+
+
+def readable_number(value: Decimal, significant: int = 4, min_places: int = 2) -> str:
+    """An amount for people to read, not to reconcile: ``1,234.57``, ``0.2995``, ``0.000123``.
+
+    At least 1: two decimals. Below 1: ``significant`` significant digits. Trailing zeros go,
+    down to ``min_places`` decimals. Receipts, CSV and the API keep full precision
+    (``format_credits``); this is for lists, balances and prices.
+    """
+    if not value:
+        return f"{0:.{min_places}f}"
+    magnitude = abs(value)
+    places = 2 if magnitude >= 1 else max(2, significant - 1 - magnitude.adjusted())
+    rounded = value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    text = f"{rounded:,.{places}f}"
+    while places > min_places and text.endswith("0"):
+        text, places = text[:-1], places - 1
+    return text.removesuffix(".")
+
+
+def format_credits_short(ucr: int) -> str:
+    """Micro-credits as credits to read in a list or a balance: ``12.35``, ``0.00405`` (see ``readable_number``)."""
+    return readable_number(Decimal(ucr) / UCR_PER_CREDIT)
+
+
+def format_usd(amount: Decimal) -> str:
+    """US dollars to read: ``$12.35``, ``$0.2995``, ``-$1.00`` (see ``readable_number``)."""
+    text = readable_number(abs(amount))
+    return f"-${text}" if amount < 0 and text.strip("0.,") else f"${text}"
+
+
+def ucr_to_usd(ucr: int, credit_usd: Decimal) -> Decimal:
+    """The US-dollar value of an amount of micro-credits at ``credit_usd`` a credit."""
+    return Decimal(ucr) * credit_usd / UCR_PER_CREDIT
 
 
 def text_token_bound(text: str) -> int:
