@@ -19,7 +19,7 @@ TOLERANCE_SECONDS = 300
 
 
 @bp.post("/stripe")
-@operation(summary="Stripe events (Checkout, async payments, refunds)", tag="Webhooks", auth=False)
+@operation(summary="Stripe events (Checkout completed, async payments, expired; refunds)", tag="Webhooks", auth=False)
 def stripe_webhook():
     svc = services()
     secret = current_app.config["STRIPE_WEBHOOK_SECRET"]
