@@ -167,7 +167,10 @@ def test_a_key_can_be_tightened_from_the_dashboard(app, client, member):
     statuses = [client.get("/v1/balance", headers=tenant.headers).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
     too_high = client.post(f"/dashboard/keys/{tenant.key_id}/limits", data={"per_minute": "999999"}, headers=hx)
-    assert too_high.status_code == 400
+    # Refused: 422 with the form and the server's reason in place (htmx swaps a 422 in; see base.html).
+    assert too_high.status_code == 422
+    assert "Requests a minute must be a whole number from 1 to" in too_high.get_data(as_text=True)
+    assert 'aria-invalid="true"' in too_high.get_data(as_text=True)
     other = make_tenant()
     assert (
         client.post(f"/dashboard/keys/{other.key_id}/limits", data={"per_minute": "1"}, headers=hx).status_code == 404

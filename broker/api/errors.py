@@ -7,7 +7,7 @@ import uuid
 
 import redis
 import sqlalchemy.exc
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException, RequestURITooLarge
 
 from broker.errors import BrokerError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
@@ -45,6 +45,17 @@ def _url_bytes(environ: dict) -> int:
     return len(path) + len(environ.get("QUERY_STRING", "")) + 1
 
 
+# Where the web layer leaves its page renderer for HTTP errors outside /v1 (see broker.web.errors);
+# a string key, so this package never imports broker.web.
+HTML_ERROR_HOOK = "broker.html_error"
+
+
+def _page(error: HTTPException):
+    """An HTTP error for a person: the web layer's page if it registered one, else werkzeug's bare one."""
+    render = current_app.extensions.get(HTML_ERROR_HOOK)
+    return render(error) if render else error
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.before_request
     def _request_id() -> None:
@@ -80,13 +91,13 @@ def register_error_handlers(app: Flask) -> None:
         # it is the client's body that is at fault, and it fails before anything is charged.
         log.warning("request body nested too deeply", extra={"path": request.path[:200]})
         if not _is_api():
-            return BadRequest("The request body is nested too deeply.")
+            return _page(BadRequest("The request body is nested too deeply."))
         return error_response(InvalidRequest("The request body is nested too deeply to parse.", code="invalid_json"))
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):
         if not _is_api():
-            return error
+            return _page(error)
         if error.code == 413:
             return error_response(PayloadTooLarge("The request body is too large."))
         body = BrokerError(error.description or error.name, code=error.name.lower().replace(" ", "_"))

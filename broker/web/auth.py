@@ -26,7 +26,7 @@ from flask import (
     session,
     url_for,
 )
-from flask_login import UserMixin, current_user, login_required, login_user, logout_user
+from flask_login import UserMixin, current_user, login_required, login_url, login_user, logout_user
 from flask_wtf import FlaskForm
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -75,6 +75,23 @@ def load_user(user_id: str) -> SessionUser | None:
     if account is None or account.session_generation != generation or account.password_hash is None:
         return None
     return SessionUser(account, session_id)
+
+
+@login_manager.unauthorized_handler
+def unauthorized() -> Response:
+    """Log in first, then come back to the page. An HTMX request (a fragment, a poll) sends the
+    whole browser to log-in with ``HX-Redirect``: its answer must not be swapped into a card."""
+    flash(login_manager.login_message, login_manager.login_message_category)
+    if not request.headers.get("HX-Request"):
+        return redirect(login_url(login_manager.login_view, next_url=request.url))
+    # The page the browser shows, not the fragment's URL; anything off-site falls back to the dashboard.
+    shown = urlsplit(request.headers.get("HX-Current-URL", ""))
+    page = shown.path + (f"?{shown.query}" if shown.query else "")
+    same_site = not shown.netloc or shown.netloc == request.host
+    next_path = (_safe_next(page) if same_site else None) or url_for("dashboard.overview")
+    response = make_response("", 401)
+    response.headers["HX-Redirect"] = url_for("auth.login", next=next_path)
+    return response
 
 
 def start_session(account: Account) -> None:
