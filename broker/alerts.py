@@ -14,6 +14,8 @@ from broker.models import Job, UsageRecord
 
 log = logging.getLogger(__name__)
 
+QUOTA_ERROR_CODE = "upstream_quota_exceeded"  # broker.providers.base.UpstreamQuotaExceeded.code
+
 
 def send(client: redis.Redis, url: str, kind: str, text: str, window_seconds: int) -> bool:
     """Post ``{"text": …}`` unless the same kind was sent within the window; True when sent."""
@@ -30,7 +32,8 @@ def send(client: redis.Redis, url: str, kind: str, text: str, window_seconds: in
 
 
 def findings(session: Session, error_rate: float, failed_jobs: int, minutes: int = 10) -> list[tuple[str, str]]:
-    """Upstream error-rate spikes per provider and failed-job spikes over the last ``minutes``."""
+    """Upstream error-rate spikes and exhausted provider accounts per provider, and failed-job
+    spikes, over the last ``minutes``."""
     since = datetime.now(UTC) - timedelta(minutes=minutes)
     found = []
     rows = session.execute(
@@ -47,6 +50,14 @@ def findings(session: Session, error_rate: float, failed_jobs: int, minutes: int
     for provider, (errors, total) in totals.items():
         if total >= 10 and errors / total >= error_rate:
             found.append((f"upstream:{provider}", f"{provider}: {errors} of {total} calls failed in {minutes} min"))
+    # Our own provider account out of quota: every call to that provider fails until an operator acts.
+    quota = session.execute(
+        select(UsageRecord.provider, func.count())
+        .where(UsageRecord.started_at >= since, UsageRecord.error_code == QUOTA_ERROR_CODE)
+        .group_by(UsageRecord.provider)
+    ).all()
+    for provider, count in quota:
+        found.append((f"quota:{provider}", f"{provider}: the broker's account is out of quota ({count} calls refused)"))
     failed = session.scalar(select(func.count()).where(Job.status == "failed", Job.finished_at >= since))
     if failed >= failed_jobs:
         found.append(("jobs:failed", f"{failed} media jobs failed in {minutes} min"))

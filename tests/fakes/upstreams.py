@@ -81,6 +81,10 @@ class Reply:
     chunk_delay: float = 0.0  # seconds to sleep before each streamed event after the first
     error_type: str | None = None  # overrides OpenAI error.type / Anthropic error.type / Gemini status
     error_code: str | None = None  # overrides OpenAI error.code (e.g. "insufficient_quota") / Suno errorCode
+    # --- chat answers beyond text (OpenAI wire format; other providers may ignore them)
+    tool_calls: list[dict[str, str]] | None = None  # [{"name", "arguments" (a JSON string)}], when tools were sent
+    refusal: str | None = None  # the model refuses: content null, this text in `refusal`
+    annotations: list[dict[str, Any]] | None = None  # message.annotations (url_citation objects)
     # --- media
     character_cost: int | None = None  # ElevenLabs header; None -> default rule, OMIT (-1) -> no header
     image_usage: dict[str, int] | None = None  # Images usage overrides: text_tokens, image_tokens, output_tokens
@@ -348,6 +352,48 @@ def _cut(reply: Reply) -> int | None:
 # --------------------------------------------------------------------------- OpenAI
 
 _OPENAI_FINISH = {"stop": "stop", "length": "length"}
+# CreateChatCompletionRequest's properties (openai-schemas.json): anything else is refused as OpenAI does.
+_OPENAI_FIELDS = frozenset(
+    [
+        "metadata",
+        "top_logprobs",
+        "temperature",
+        "top_p",
+        "user",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+        "messages",
+        "model",
+        "service_tier",
+        "modalities",
+        "verbosity",
+        "reasoning_effort",
+        "max_completion_tokens",
+        "frequency_penalty",
+        "presence_penalty",
+        "web_search_options",
+        "response_format",
+        "audio",
+        "store",
+        "moderation",
+        "stream",
+        "stop",
+        "logit_bias",
+        "logprobs",
+        "max_tokens",
+        "n",
+        "prediction",
+        "seed",
+        "stream_options",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "function_call",
+        "functions",
+    ]
+)
 _OPENAI_ERRORS: dict[int, tuple[str, str | None]] = {
     400: ("invalid_request_error", None),
     401: ("invalid_request_error", "invalid_api_key"),
@@ -381,6 +427,69 @@ def _openai_reply_error(start_response: StartResponse, r: Reply, headers: _Heade
         r.error_code or code,
         headers=headers,
     )
+
+
+def _openai_logprobs(text: str, top: int) -> list[dict[str, Any]]:
+    """Deterministic per-token logprobs for `text` (one token per whitespace-led word)."""
+    out = []
+    for k, token in enumerate(_words(text)):
+        entry = {"token": token, "logprob": -0.01 * (k + 1), "bytes": list(token.encode())}
+        entry["top_logprobs"] = [
+            {"token": token if j == 0 else f"{token}~{j}", "logprob": -0.01 * (k + 1) - j, "bytes": None}
+            for j in range(top)
+        ]
+        out.append(entry)
+    return out
+
+
+def _words(text: str) -> list[str]:
+    words, current = [], ""
+    for ch in text:
+        if ch.isspace() and current.strip():
+            words.append(current)
+            current = ""
+        current += ch
+    return [*words, current] if current else words
+
+
+def _openai_tool_calls(r: Reply, data: dict[str, Any], rid: str) -> list[dict[str, Any]]:
+    """The reply's tool calls when the request offered tools; a forced function gets one call to it."""
+    tools = data.get("tools") or []
+    if not r.tool_calls or not tools or data.get("tool_choice") == "none":
+        return []
+    calls = list(r.tool_calls)
+    choice = data.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        calls = [{"name": choice["function"]["name"], "arguments": calls[0]["arguments"]}]
+    elif data.get("parallel_tool_calls") is False:
+        calls = calls[:1]
+    return [
+        {"id": f"call_{rid[-8:]}{k}", "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+        for k, c in enumerate(calls)
+    ]
+
+
+def _openai_format_error(data: dict[str, Any]) -> tuple[str, str] | None:
+    """OpenAI's refusals of a malformed `response_format`: (message, param)."""
+    fmt = data.get("response_format")
+    if not isinstance(fmt, dict):
+        return None
+    if fmt.get("type") == "json_object":
+        said = json.dumps(data.get("messages")).lower()
+        if "json" not in said:
+            return (
+                "'messages' must contain the word 'json' in some form, to use 'response_format' of type 'json_object'.",
+                "messages",
+            )
+    elif fmt.get("type") == "json_schema":
+        schema = fmt.get("json_schema")
+        if not isinstance(schema, dict) or not schema.get("name"):
+            return "Missing required parameter: 'response_format.json_schema.name'.", "response_format.json_schema.name"
+    elif fmt.get("type") != "text":
+        return f"Invalid value: {fmt.get('type')!r}. Supported values are: 'text', 'json_object' and 'json_schema'.", (
+            "response_format.type"
+        )
+    return None
 
 
 def _openai_usage(r: Reply) -> dict[str, Any]:
@@ -426,6 +535,12 @@ def _openai(
         return _openai_error(start_response, 400, "We could not parse the JSON body of your request.")
     if not data.get("model"):
         return _openai_error(start_response, 400, "you must provide a model parameter")
+    unknown = sorted(set(data) - _OPENAI_FIELDS)
+    if unknown:
+        return _openai_error(start_response, 400, f"Unrecognized request argument supplied: {unknown[0]}")
+    bad_format = _openai_format_error(data)
+    if bad_format:
+        return _openai_error(start_response, 400, bad_format[0], code="invalid_value", param=bad_format[1])
     if "messages" not in data:
         return _openai_error(
             start_response,
@@ -471,26 +586,35 @@ def _openai(
     model = str(data["model"])
     finish = _OPENAI_FINISH.get(r.finish, r.finish)
     tier = data.get("service_tier")
-    tier = "default" if tier in (None, "auto") else tier
+    tier = {None: "default", "auto": "default", "fast": "priority"}.get(tier, tier)
+    calls = _openai_tool_calls(r, data, rid)
+    if calls:  # a forced function ends with "stop", as OpenAI does
+        finish = "stop" if isinstance(data.get("tool_choice"), dict) else "tool_calls"
+    top = data.get("top_logprobs") or 0
+    want_logprobs = data.get("logprobs") is True
+    content = None if (calls or r.refusal) else r.text
     if not stream:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": content,
+            "refusal": r.refusal,
+            "annotations": r.annotations or [],
+        }
+        if calls:
+            message["tool_calls"] = calls
+        logprobs = None
+        if want_logprobs:
+            logprobs = {
+                "content": _openai_logprobs(content, top) if content else None,
+                "refusal": _openai_logprobs(r.refusal, top) if r.refusal else None,
+            }
         body: dict[str, Any] = {
             "id": cid,
             "object": "chat.completion",
             "created": created,
             "model": model,
             "choices": [
-                {
-                    "index": i,
-                    "message": {
-                        "role": "assistant",
-                        "content": r.text,
-                        "refusal": None,
-                        "annotations": [],
-                    },
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }
-                for i in range(n)
+                {"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish} for i in range(n)
             ],
         }
         if r.fault != "no_usage":
@@ -503,18 +627,19 @@ def _openai(
     include_usage = options.get("include_usage") is True
     obfuscate = options.get("include_obfuscation") is not False
 
-    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None, pad: str) -> bytes:
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None, pad: str, logprobs: Any = None) -> bytes:
         obj: dict[str, Any] = {
             "id": cid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
+            "service_tier": tier,
             "system_fingerprint": _FINGERPRINT,
             "choices": [
                 {
                     "index": index,
                     "delta": delta,
-                    "logprobs": None,
+                    "logprobs": logprobs,
                     "finish_reason": finish_reason,
                 }
             ],
@@ -525,15 +650,56 @@ def _openai(
             obj["obfuscation"] = pad
         return b"data: " + _dumps(obj) + b"\n\n"
 
+    def pieces() -> Iterator[tuple[int, dict[str, Any], Any]]:
+        """(choice, delta, logprobs) after the opening chunk: text, refusal or tool-call fragments."""
+        if calls:
+            for c_index, call in enumerate(calls):
+                fn = call["function"]
+                for k, piece in enumerate(_pieces(fn["arguments"], r.chunks) if fn["arguments"] else []):
+                    delta = {"index": c_index, "function": {"arguments": piece}}
+                    if k == 0 and c_index > 0:
+                        delta = {
+                            "index": c_index,
+                            "id": call["id"],
+                            "type": "function",
+                            "function": {"name": fn["name"], "arguments": piece},
+                        }
+                    for i in range(n):
+                        yield i, {"tool_calls": [delta]}, None
+            return
+        key, text = ("refusal", r.refusal) if r.refusal else ("content", r.text)
+        for piece in _pieces(text, r.chunks):
+            logprobs = None
+            if want_logprobs:
+                tokens = _openai_logprobs(piece, top)
+                logprobs = (
+                    {"content": tokens, "refusal": None} if key == "content" else {"content": None, "refusal": tokens}
+                )
+            for i in range(n):
+                yield i, {key: piece}, logprobs
+
+    def opening() -> dict[str, Any]:
+        if calls:
+            first = calls[0]
+            head = {
+                "index": 0,
+                "id": first["id"],
+                "type": "function",
+                "function": {"name": first["function"]["name"], "arguments": ""},
+            }
+            return {"role": "assistant", "content": None, "tool_calls": [head], "refusal": None}
+        if r.refusal:
+            return {"role": "assistant", "content": None, "refusal": ""}
+        return {"role": "assistant", "content": "", "refusal": None}
+
     def events() -> Iterator[bytes | None]:
         cut = _cut(r)
         for i in range(n):
-            yield chunk(i, {"role": "assistant", "content": ""}, None, _OBFUSCATION)
-        for k, piece in enumerate(_pieces(r.text, r.chunks)):
-            if k == cut:
+            yield chunk(i, opening(), None, _OBFUSCATION)
+        for k, (i, delta, logprobs) in enumerate(pieces()):
+            if cut is not None and k // n == cut:
                 break
-            for i in range(n):
-                yield chunk(i, {"content": piece}, None, _OBFUSCATION)
+            yield chunk(i, delta, None, _OBFUSCATION, logprobs)
         if cut is not None:
             if r.fault == "truncate":
                 yield None
