@@ -102,11 +102,11 @@ def test_buy_a_pack_and_a_custom_amount_pay_and_see_balance_and_receipts(
     assert page.get_by_role("heading", name="Pay $20.00 USD").is_visible()
     shot(page, f"billing-hosted-checkout-{suffix}")
     pack_session = pay_at_stripe(page, watch, stripe_fake, live_server, javascript)
-    assert page.get_by_text("Payment received: 2000.000000 credits added.").is_visible()
+    assert page.get_by_text("Payment received: 2,000 credits added.").is_visible()
     assert balance_shown(page) == "2000.000000"
     row = page.locator("[data-testid=purchase]").first
     assert row.locator("[data-testid=purchase-status]").inner_text() == "paid"
-    assert "$20.00" in row.inner_text() and "2000.000000" in row.inner_text()
+    assert "$20.00" in row.inner_text() and "2,000" in row.inner_text()
     receipt = stripe_fake.charges[pack_session]["receipt_url"]
     assert row.locator("[data-testid=receipt]").get_attribute("href") == receipt
 
@@ -120,7 +120,7 @@ def test_buy_a_pack_and_a_custom_amount_pay_and_see_balance_and_receipts(
     assert balance_shown(page) == "3234.000000"
     rows = page.locator("[data-testid=purchase]")
     assert rows.count() == 2
-    assert "$12.34" in rows.first.inner_text() and "1234.000000" in rows.first.inner_text()
+    assert "$12.34" in rows.first.inner_text() and "1,234" in rows.first.inner_text()
     assert rows.first.locator("[data-testid=purchase-status]").inner_text() == "paid"
     assert (
         rows.first.locator("[data-testid=receipt]").get_attribute("href")

@@ -24,7 +24,10 @@ def _billing_context() -> dict:
     return {
         "balance": pricing.format_credits(balance),
         "balance_usd": f"{Decimal(balance) / 1_000_000 * catalogue.credit_usd:,.2f}",
-        "purchases": [billing_domain.purchase_json(p) for p in billing_domain.purchases_of(svc.db(), account_id())],
+        "purchases": [
+            {**billing_domain.purchase_json(p), "credits_shown": _whole(p.credits_ucr)}
+            for p in billing_domain.purchases_of(svc.db(), account_id())
+        ],
         "packs": [{"id": p.id, "usd": p.usd, "credits": _whole(catalogue.credits_ucr(p.usd))} for p in catalogue.packs],
         "min_usd": catalogue.min_usd,
         "max_usd": catalogue.max_usd,
@@ -34,7 +37,7 @@ def _billing_context() -> dict:
 
 
 def _whole(ucr: int) -> str:
-    """A pack's credits as a reader counts them: 2,000 rather than 2000.000000."""
+    """Credits as a reader counts them in a list: 2,000 rather than 2000.000000 (full precision if not whole)."""
     return f"{ucr // 1_000_000:,}" if ucr % 1_000_000 == 0 else pricing.format_credits(ucr)
 
 
@@ -115,4 +118,4 @@ def _flash_outcome(purchase: Purchase | None) -> None:
     elif purchase.status == "pending":
         flash("Payment is processing; the credits appear here as soon as it settles.", "info")
     else:
-        flash(f"Payment received: {pricing.format_credits(purchase.credits_ucr)} credits added.", "info")
+        flash(f"Payment received: {_whole(purchase.credits_ucr)} credits added.", "info")
