@@ -531,6 +531,8 @@ class _Chunks:
             call: dict = {"index": event.call}
             if event.id is not None:
                 call.update(id=event.id, type=event.type)
+            if event.extra:
+                call.update(event.extra)
             fn: dict = {"name": event.name} if event.name is not None else {}
             fn["input" if event.type == "custom" else "arguments"] = event.arguments
             call[event.type] = fn

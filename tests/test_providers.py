@@ -161,7 +161,7 @@ def test_gemini_usage_takes_cached_out_of_prompt_and_adds_thoughts_to_output(
 ) -> None:
     fake.queue(Reply(**{**CACHED_REPLY, "cache_write_tokens": 0}))
     result = provider("gemini", fake, session).complete(chat(n=2, top_p=0.5))
-    assert result.usage == Usage(input_tokens=100, cached_input_tokens=40, output_tokens=30)
+    assert result.usage == Usage(input_tokens=100, cached_input_tokens=40, output_tokens=30, reasoning_tokens=20)
     assert [c.index for c in result.choices] == [0, 1]
     sent = fake.requests[-1]
     assert sent.path == "/v1beta/models/test-model:generateContent"
@@ -272,7 +272,7 @@ def test_gemini_stream_keeps_the_last_cumulative_usage(fake: FakeUpstream, sessi
     assert error is None
     assert text_of(events) == "Cached and reasoned."
     assert Finish(0, "stop") in events
-    assert last_usage(events) == Usage(input_tokens=100, cached_input_tokens=40, output_tokens=30)
+    assert last_usage(events) == Usage(input_tokens=100, cached_input_tokens=40, output_tokens=30, reasoning_tokens=20)
     sent = fake.requests[-1]
     assert sent.path == "/v1beta/models/test-model:streamGenerateContent"
     assert sent.query == "alt=sse"

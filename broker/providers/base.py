@@ -121,6 +121,8 @@ class ToolCallDelta:
     name: str | None = None
     arguments: str = ""
     type: str = "function"
+    # Further fields of the call, sent with its first piece (Gemini's ``extra_content``).
+    extra: dict | None = None
 
 
 @dataclass

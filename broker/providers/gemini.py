@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import mimetypes
+import hashlib
+import json
+import uuid
 from collections.abc import Iterator
 from urllib.parse import quote
 
@@ -11,10 +13,12 @@ import requests
 from broker.errors import (
     InvalidRequest,
     UpstreamError,
+    UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from broker.providers import _common as c
+from broker.providers import gemini_translate as t
 from broker.providers.base import (
     ChatCall,
     ChatResult,
@@ -22,10 +26,12 @@ from broker.providers.base import (
     Finish,
     StreamEvent,
     TextDelta,
+    ToolCallDelta,
     Usage,
     UsageReport,
 )
 
+UNSUPPORTED = "unsupported_parameter"
 FINISH_REASONS = {
     "STOP": "stop",
     "MAX_TOKENS": "length",
@@ -48,6 +54,27 @@ _NOT_FINISHED = (None, "", "FINISH_REASON_UNSPECIFIED")
 
 class GeminiProvider:
     name = "gemini"
+    # OpenAI fields translated to Gemini's; the rest are a 400 before anything is held.
+    # ``store`` (only false gets here), ``service_tier`` (standard tiers only) and
+    # ``modalities`` (text only) change nothing on Gemini.
+    accepts = frozenset(
+        {
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "response_format",
+            "reasoning_effort",
+            "seed",
+            "top_k",
+            "presence_penalty",
+            "frequency_penalty",
+            "logprobs",
+            "top_logprobs",
+            "store",
+            "service_tier",
+            "modalities",
+        }
+    )
 
     def __init__(
         self,
@@ -61,17 +88,23 @@ class GeminiProvider:
         self._session = session
         self._timeout = timeout
 
+    def check(self, call: ChatCall) -> int:
+        """The model's rules (price table) and the request's shapes, before the hold; the
+        prompt tokens of its media parts by Gemini's token rules."""
+        check_rules(call)
+        _body(call)
+        return t.media_token_bound(call.messages, call.rules)
+
     def complete(self, call: ChatCall) -> ChatResult:
         response = self._post(call.model, ":generateContent", _body(call), stream=False)
         data = c.read_json(self.name, response)
         candidates = [c.as_dict(x) for x in data.get("candidates") or []]
-        choices = [
-            Choice(_index(cand, pos), _text(cand), finish_reason(cand.get("finishReason")))
-            for pos, cand in enumerate(candidates)
-        ]
-        if not choices:  # the prompt itself was blocked (promptFeedback.blockReason)
-            reason = "content_filter" if _blocked(data) else "stop"
-            choices = [Choice(i, "", reason) for i in range(call.n)]
+        if not candidates and _blocked(data):
+            raise blocked_error(data)
+        ids = _CallIds(data)
+        choices = [_choice(cand, pos, ids) for pos, cand in enumerate(candidates)]
+        if not choices:
+            choices = [Choice(i, "", "stop") for i in range(call.n)]
         return ChatResult(
             id=str(data.get("responseId") or ""),
             model=str(data.get("modelVersion") or call.model),
@@ -101,59 +134,147 @@ class GeminiProvider:
         )
 
 
+def _range(rules: dict, name: str, default: list) -> list:
+    value = rules.get(name, default)
+    return value if isinstance(value, list) and len(value) == 2 else default
+
+
+def check_rules(call: ChatCall) -> None:
+    """Refuse what the model's rules (``rules`` of its price-table row) forbid, naming the field."""
+    rules, extra = call.rules, call.extra
+    low, high = _range(rules, "temperature", [0, 2])
+    if call.temperature is not None and not low <= call.temperature <= high:
+        raise InvalidRequest(f"temperature must be between {low} and {high} for this model.", param="temperature")
+    top_k = extra.get("top_k")
+    low, high = _range(rules, "top_k", [1, 64])
+    if top_k is not None and not low <= top_k <= high:
+        raise InvalidRequest(f"top_k must be between {low} and {high} for this model.", param="top_k")
+    if call.n > int(rules.get("max_candidates", 8)):
+        raise InvalidRequest(f"n must be at most {rules.get('max_candidates', 8)} for this model.", param="n")
+    top = extra.get("top_logprobs")
+    if extra.get("logprobs") or top is not None:
+        most = rules.get("logprobs")
+        if not most:
+            name = "logprobs" if extra.get("logprobs") else "top_logprobs"
+            raise InvalidRequest("Log probabilities are not available for this model.", param=name, code=UNSUPPORTED)
+        if top is not None and (not extra.get("logprobs") or top > most):
+            raise InvalidRequest(f"top_logprobs needs logprobs: true and is at most {most}.", param="top_logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if extra.get(name) is not None and not rules.get("penalties", True):
+            raise InvalidRequest(f"{name} is not supported for this model.", param=name, code=UNSUPPORTED)
+
+
 def _body(call: ChatCall) -> dict:
-    system: list[str] = []
-    contents: list[dict] = []
-    for message in call.messages:
-        role, content = message.get("role"), message.get("content")
-        if role in ("system", "developer"):
-            system.append(c.text_of(content))
-        elif role in ("user", "assistant"):
-            parts = _parts(content)
-            if parts:
-                contents.append({"role": "user" if role == "user" else "model", "parts": parts})
-        else:
-            raise InvalidRequest(f"gemini models do not accept {role!r} messages", param="messages")
+    contents, system = t.contents(call.messages)
+    if not contents:
+        # Only a system message: Gemini needs a user turn, so the instructions become it.
+        contents, system = [{"role": "user", "parts": [{"text": system or " "}]}], ""
+    extra = call.extra
     config = {
         "maxOutputTokens": call.max_tokens,
         "temperature": call.temperature,
         "topP": call.top_p,
+        "topK": extra.get("top_k"),
         "stopSequences": call.stop,
         "candidateCount": call.n,
+        "seed": extra.get("seed"),
+        "presencePenalty": extra.get("presence_penalty"),
+        "frequencyPenalty": extra.get("frequency_penalty"),
     }
-    body: dict = {
-        "contents": contents,
-        "generationConfig": {k: v for k, v in config.items() if v is not None},
-    }
-    if any(system):
-        body["systemInstruction"] = {"parts": [{"text": "\n\n".join(s for s in system if s)}]}
+    if extra.get("logprobs"):
+        config.update(responseLogprobs=True, logprobs=extra.get("top_logprobs"))
+    config.update(t.response_format(extra))
+    config["thinkingConfig"] = t.thinking(extra.get("reasoning_effort"), call.rules, call.max_tokens)
+    body: dict = {"contents": contents}
+    if system:
+        body["systemInstruction"] = {"parts": [{"text": system}]}
+    if tools := t.tools(extra):
+        body["tools"] = tools
+    if tool_config := t.tool_config(extra):
+        body["toolConfig"] = tool_config
+    body["generationConfig"] = {k: v for k, v in config.items() if v is not None}
     return body
 
 
-def _parts(content: object) -> list[dict]:
-    if not isinstance(content, list):
-        text = c.text_of(content)
-        return [{"text": text}] if text else []
-    parts: list[dict] = []
-    for part in map(c.as_dict, content):
-        if part.get("type") == "text":
-            parts.append({"text": str(part.get("text", ""))})
-        elif part.get("type") == "image_url" and (url := c.image_url_of(part)):
-            parts.append(_image_part(url))
-        else:
-            raise InvalidRequest(
-                f"gemini models do not accept {part.get('type')!r} content parts",
-                param="messages",
-            )
-    return parts
+class _CallIds:
+    """Tool call ids for one response: Gemini's own ``functionCall.id`` when it sends one, else
+    ``call_<response>_<n>``, unique across turns so a conversation can answer each by id."""
+
+    def __init__(self, chunk: dict) -> None:
+        seed = str(chunk.get("responseId") or "") or uuid.uuid4().hex
+        self.prefix = "call_" + hashlib.sha256(seed.encode()).hexdigest()[:12] + "_"
+        self.count = 0
+
+    def next(self, call: dict) -> str:
+        given = call.get("id")
+        self.count += 1
+        return given if isinstance(given, str) and given else f"{self.prefix}{self.count - 1}"
 
 
-def _image_part(url: str) -> dict:
-    inline = c.split_data_url(url)
-    if inline:
-        return {"inlineData": {"mimeType": inline[0], "data": inline[1]}}
-    mime = mimetypes.guess_type(url.split("?")[0])[0] or "image/jpeg"
-    return {"fileData": {"mimeType": mime, "fileUri": url}}
+def _tool_call(part: dict, call_id: str) -> dict:
+    """A ``functionCall`` part as an OpenAI tool call; its ``thoughtSignature`` rides in
+    ``extra_content.google.thought_signature`` (as Google's OpenAI-compatible endpoint does)."""
+    fn = c.as_dict(part.get("functionCall"))
+    call: dict = {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": str(fn.get("name") or ""), "arguments": json.dumps(c.as_dict(fn.get("args")))},
+    }
+    if signature := part.get("thoughtSignature"):
+        call["extra_content"] = {"google": {"thought_signature": signature}}
+    return call
+
+
+def _parts(candidate: dict) -> list[dict]:
+    return [c.as_dict(p) for p in c.as_dict(candidate.get("content")).get("parts") or []]
+
+
+def _choice(candidate: dict, position: int, ids: _CallIds) -> Choice:
+    calls = [_tool_call(p, ids.next(c.as_dict(p["functionCall"]))) for p in _parts(candidate) if "functionCall" in p]
+    text = _text(candidate)
+    reason = finish_reason(candidate.get("finishReason"))
+    if calls and reason == "stop":
+        reason = "tool_calls"
+    return Choice(
+        _index(candidate, position),
+        None if calls and not text else text,
+        reason,
+        tool_calls=calls or None,
+        logprobs=logprobs_from(c.as_dict(candidate.get("logprobsResult"))),
+    )
+
+
+def logprobs_from(result: dict) -> dict | None:
+    """Gemini's ``logprobsResult`` in OpenAI's shape (``content`` entries with their top tokens)."""
+    chosen = [c.as_dict(x) for x in result.get("chosenCandidates") or []]
+    if not chosen:
+        return None
+    tops = [c.as_dict(x) for x in result.get("topCandidates") or []]
+    content = []
+    for k, token in enumerate(chosen):
+        top = [c.as_dict(x) for x in (tops[k].get("candidates") if k < len(tops) else None) or []]
+        content.append({**_logprob(token), "top_logprobs": [_logprob(x) for x in top]})
+    return {"content": content, "refusal": None}
+
+
+def _logprob(token: dict) -> dict:
+    text = str(token.get("token") or "")
+    value = token.get("logProbability")
+    return {
+        "token": text,
+        "logprob": float(value) if isinstance(value, (int, float)) else 0.0,
+        "bytes": list(text.encode()),
+    }
+
+
+def blocked_error(chunk: dict) -> UpstreamRejected:
+    """A prompt Gemini blocked before any output: a 400 ``content_policy_violation``, nothing charged."""
+    reason = str(c.as_dict(chunk.get("promptFeedback")).get("blockReason"))
+    return UpstreamRejected(
+        f"gemini blocked the prompt ({reason}); nothing was generated or charged.",
+        param="messages",
+        code="content_policy_violation",
+    )
 
 
 def _index(candidate: dict, position: int) -> int:
@@ -180,10 +301,12 @@ def usage_from(meta: dict) -> Usage:
     """``promptTokenCount`` includes the cached tokens; thinking is billed as output."""
     cached = c.as_int(meta.get("cachedContentTokenCount"))
     prompt = max(c.as_int(meta.get("promptTokenCount")) - cached, 0)
+    thoughts = c.as_int(meta.get("thoughtsTokenCount"))
     return Usage(
         input_tokens=prompt + c.as_int(meta.get("toolUsePromptTokenCount")),
         cached_input_tokens=cached,
-        output_tokens=c.as_int(meta.get("candidatesTokenCount")) + c.as_int(meta.get("thoughtsTokenCount")),
+        output_tokens=c.as_int(meta.get("candidatesTokenCount")) + thoughts,
+        reasoning_tokens=thoughts,
     )
 
 
@@ -193,16 +316,18 @@ def _translate(events: Iterator[c.SSEEvent], n: int) -> Iterator[StreamEvent]:
     There is no terminator: the stream is complete once every candidate seen has a
     finish reason. ``usageMetadata`` is cumulative (the last wins); it is reported
     after each chunk once something was delivered, so a break keeps the latest.
+    A prompt blocked before any output raises ``content_policy_violation``.
     """
+    state = _StreamState()
     usage: dict | None = None
-    seen: set[int] = set()
-    finished: set[int] = set()
     started, reported = False, True
     for _, data in events:
         chunk = c.load_event(data)
         if "error" in chunk:
             raise _stream_error(c.as_dict(chunk["error"]))
-        for event in _chunk_events(chunk, n, seen, finished):
+        if not chunk.get("candidates") and _blocked(chunk) and not started:
+            raise blocked_error(chunk)
+        for event in state.events(chunk, n):
             started = True
             yield event
         if isinstance(chunk.get("usageMetadata"), dict):
@@ -210,29 +335,53 @@ def _translate(events: Iterator[c.SSEEvent], n: int) -> Iterator[StreamEvent]:
         if started and not reported and usage is not None:
             yield UsageReport(usage_from(usage))
             reported = True
-    if not finished or seen - finished:
+    if not state.finished or state.seen - state.finished:
         raise c.ended_early("gemini")
     if usage is not None and not reported:
         yield UsageReport(usage_from(usage))
 
 
-def _chunk_events(chunk: dict, n: int, seen: set[int], finished: set[int]) -> Iterator[StreamEvent]:
-    """Text and finish events of one chunk; updates ``seen`` and ``finished``."""
-    candidates = [c.as_dict(x) for x in chunk.get("candidates") or []]
-    for pos, cand in enumerate(candidates):
-        index = _index(cand, pos)
-        seen.add(index)
-        if text := _text(cand):
-            yield TextDelta(index, text)
-        reason = finish_reason(cand.get("finishReason"))
-        if reason and index not in finished:
-            finished.add(index)
-            yield Finish(index, reason)
-    if not candidates and _blocked(chunk):
-        for index in sorted(set(range(n)) - finished):
-            seen.add(index)
-            finished.add(index)
-            yield Finish(index, "content_filter")
+class _StreamState:
+    """What one stream has seen: candidates, finished candidates, tool calls per candidate."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.finished: set[int] = set()
+        self.calls: dict[int, int] = {}
+        self.ids: _CallIds | None = None
+
+    def events(self, chunk: dict, n: int) -> Iterator[StreamEvent]:
+        """Text, tool call and finish events of one chunk."""
+        if self.ids is None:
+            self.ids = _CallIds(chunk)
+        candidates = [c.as_dict(x) for x in chunk.get("candidates") or []]
+        for pos, cand in enumerate(candidates):
+            index = _index(cand, pos)
+            self.seen.add(index)
+            if text := _text(cand):
+                yield TextDelta(index, text, logprobs=logprobs_from(c.as_dict(cand.get("logprobsResult"))))
+            for part in _parts(cand):
+                if "functionCall" in part:
+                    call = _tool_call(part, self.ids.next(c.as_dict(part["functionCall"])))
+                    number = self.calls.get(index, 0)
+                    self.calls[index] = number + 1
+                    yield ToolCallDelta(
+                        index,
+                        number,
+                        id=call["id"],
+                        name=call["function"]["name"],
+                        arguments=call["function"]["arguments"],
+                        extra={"extra_content": call["extra_content"]} if "extra_content" in call else None,
+                    )
+            reason = finish_reason(cand.get("finishReason"))
+            if reason and index not in self.finished:
+                self.finished.add(index)
+                yield Finish(index, "tool_calls" if reason == "stop" and self.calls.get(index) else reason)
+        if not candidates and _blocked(chunk):
+            for index in sorted(set(range(n)) - self.finished):
+                self.seen.add(index)
+                self.finished.add(index)
+                yield Finish(index, "content_filter")
 
 
 def _stream_error(error: dict) -> UpstreamError:
