@@ -144,6 +144,7 @@ def test_anthropic_usage_splits_cache_writes_by_ttl(fake: FakeUpstream, session:
         cache_write_tokens=10,
         cache_write_1h_tokens=5,
         output_tokens=30,
+        reasoning_tokens=20,  # output_tokens_details.thinking_tokens: part of output_tokens
     )
     assert result.choices[0].finish_reason == "length"
     sent = fake.requests[-1]
@@ -258,6 +259,7 @@ def test_anthropic_stream_takes_the_last_cumulative_output_count(fake: FakeUpstr
                 cache_write_tokens=10,
                 cache_write_1h_tokens=5,
                 output_tokens=30,
+                reasoning_tokens=20,
             )
         ),
     ]
