@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import re
 import socket
 import struct
 import threading
@@ -746,6 +747,66 @@ _ANTHROPIC_ERRORS = {
     504: "timeout_error",
     529: "overloaded_error",
 }
+# MessageCreateParams (PROVIDERS.md §4): any other top-level field is refused, as the API does.
+_ANTHROPIC_FIELDS = frozenset(
+    {
+        "model",
+        "max_tokens",
+        "messages",
+        "system",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop_sequences",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "metadata",
+        "service_tier",
+        "cache_control",
+        "output_config",
+        "inference_geo",
+    }
+)
+_ANTHROPIC_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+# What the fake bills for media, by Anthropic's documented rules: an image is width×height/750
+# tokens after scaling to a long edge of at most 1568 px and about 1.15 megapixels; an image
+# by URL (not fetched here) or of a size the fake cannot read counts as the cap; a PDF page is
+# its text plus the page as an image.
+ANTHROPIC_URL_IMAGE_TOKENS = 1600
+ANTHROPIC_PDF_PAGE_TOKENS = 1500 + 1590
+ANTHROPIC_THINKING = "Let me think this through step by step."
+_ANTHROPIC_SIGNING_KEY = b"fake-anthropic-thinking"
+
+
+def anthropic_image_tokens(width: int, height: int) -> int:
+    """Anthropic's image token rule (tokens = width × height / 750 after its resizing)."""
+    scale = min(1.0, 1568 / max(width, height), math.sqrt(1_150_000 / (width * height)))
+    w, h = max(1, int(width * scale)), max(1, int(height * scale))
+    return math.ceil(w * h / 750)
+
+
+def anthropic_signature(thinking: str) -> str:
+    """The signature the fake puts on a thinking block (and checks when it comes back)."""
+    return base64.b64encode(hashlib.sha256(_ANTHROPIC_SIGNING_KEY + thinking.encode()).digest()).decode()
+
+
+def _image_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, GIF or JPEG header."""
+    if raw.startswith(_PNG_SIGNATURE) and len(raw) >= 24:
+        return struct.unpack(">II", raw[16:24])
+    if raw[:6] in (b"GIF87a", b"GIF89a") and len(raw) >= 10:
+        return struct.unpack("<HH", raw[6:10])
+    if raw.startswith(b"\xff\xd8"):
+        i = 2
+        while i + 9 < len(raw):
+            marker, length = raw[i + 1], struct.unpack(">H", raw[i + 2 : i + 4])[0]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                height, width = struct.unpack(">HH", raw[i + 5 : i + 9])
+                return width, height
+            i += 2 + length
+    return None
 
 
 def _anthropic_error(
@@ -754,20 +815,146 @@ def _anthropic_error(
     message: str,
     type_: str | None = None,
     headers: _Headers | None = None,
+    details_code: str | None = None,
 ) -> list[bytes]:
     default = _ANTHROPIC_ERRORS.get(status, "api_error" if status >= 500 else "invalid_request_error")
     headers = headers or [("request-id", f"req_fake{_new_id()}")]
-    body = {
-        "type": "error",
-        "error": {"type": type_ or default, "message": message},
-        "request_id": dict(headers)["request-id"],
-    }
+    error: dict[str, Any] = {"type": type_ or default, "message": message}
+    if details_code:
+        error["details"] = {"error_code": details_code}
+    body = {"type": "error", "error": error, "request_id": dict(headers)["request-id"]}
     return _respond(start_response, status, headers, _dumps(body))
 
 
-def _anthropic_input_usage(r: Reply) -> dict[str, Any]:
+def _anthropic_blocks_error(content: Any, where: str) -> tuple[str | None, int]:
+    """A content list's first error as the API words it, and the media tokens it bills."""
+    if isinstance(content, str):
+        return None, 0
+    if not isinstance(content, list):
+        return f"{where}.content: Input should be a valid list", 0
+    tokens = 0
+    for k, block in enumerate(content):
+        at = f"{where}.content.{k}"
+        kind = block.get("type") if isinstance(block, dict) else None
+        cache = block.get("cache_control") if isinstance(block, dict) else None
+        if cache is not None and (not isinstance(cache, dict) or cache.get("type") != "ephemeral"):
+            return f"{at}.cache_control: Input tag does not match 'ephemeral'", 0
+        if kind == "text":
+            if not isinstance(block.get("text"), str) or not block["text"].strip():
+                return f"{at}: text content blocks must contain non-whitespace text", 0
+        elif kind == "image":
+            source = block.get("source") or {}
+            if source.get("type") == "url" and str(source.get("url", "")).startswith(("http://", "https://")):
+                tokens += ANTHROPIC_URL_IMAGE_TOKENS
+            elif source.get("type") == "base64" and source.get("media_type") in _ANTHROPIC_IMAGE_TYPES:
+                size = _image_size(base64.b64decode(source.get("data") or ""))
+                tokens += anthropic_image_tokens(*size) if size else ANTHROPIC_URL_IMAGE_TOKENS
+            else:
+                return f"{at}.source: Input tag does not match an image source", 0
+        elif kind == "document":
+            source = block.get("source") or {}
+            if source.get("type") != "base64" or source.get("media_type") != "application/pdf":
+                return f"{at}.source: Input tag does not match a document source", 0
+            pages = len(re.findall(rb"/Type\s*/Page(?![A-Za-z])", base64.b64decode(source.get("data") or "")))
+            if not pages:
+                return f"{at}.source: The PDF specified was not valid.", 0
+            tokens += pages * ANTHROPIC_PDF_PAGE_TOKENS
+        elif kind in ("tool_use", "tool_result", "thinking", "redacted_thinking"):
+            continue
+        else:
+            return f"{at}.type: Input tag {kind!r} found using 'type' does not match any of the expected tags", 0
+    return None, tokens
+
+
+def _anthropic_request_error(data: dict[str, Any]) -> tuple[str | None, int]:
+    """The first thing the real API would refuse in `data` (400 invalid_request_error), and the media tokens."""
+    for name in data:
+        if name not in _ANTHROPIC_FIELDS:
+            return f"{name}: Extra inputs are not permitted", 0
+    messages = data["messages"]
+    if not isinstance(messages, list) or not messages:
+        return "messages: at least one message is required", 0
+    temperature, top_p, top_k = data.get("temperature"), data.get("top_p"), data.get("top_k")
+    if temperature is not None and not 0 <= temperature <= 1:
+        return "temperature: Input should be less than or equal to 1", 0
+    if temperature is not None and top_p is not None:
+        return "`temperature` and `top_p` cannot both be specified for this model. Please use only one.", 0
+    if set(data.get("metadata") or {}) - {"user_id"}:
+        return "metadata: Extra inputs are not permitted", 0
+    tools = data.get("tools") or []
+    for k, tool in enumerate(tools):
+        if not tool.get("name") or (tool.get("input_schema") or {}).get("type") != "object":
+            return f"tools.{k}.input_schema: Field required (an object schema)", 0
+    choice = data.get("tool_choice") or {}
+    if choice and choice.get("type") not in ("auto", "any", "tool", "none"):
+        return "tool_choice.type: Input tag does not match", 0
+    if choice.get("type") == "tool" and choice.get("name") not in {t.get("name") for t in tools}:
+        return f"Tool '{choice.get('name')}' not found in tools", 0
+    thinking = data.get("thinking")
+    if thinking is not None:
+        budget = thinking.get("budget_tokens")
+        if thinking.get("type") != "enabled" or not isinstance(budget, int) or budget < 1024:
+            return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024", 0
+        if budget >= data["max_tokens"]:
+            return "`max_tokens` must be greater than `thinking.budget_tokens`.", 0
+        if temperature is not None and temperature != 1:
+            return "`temperature` may only be set to 1 when thinking is enabled.", 0
+        if top_k is not None:
+            return "`top_k` must be unset when thinking is enabled.", 0
+        if top_p is not None and not 0.95 <= top_p <= 1:
+            return "`top_p` must be greater than or equal to 0.95 or unset when thinking is enabled.", 0
+        if choice.get("type") in ("any", "tool"):
+            return "Thinking may not be enabled when tool_choice forces tool use.", 0
+    tokens, pending = 0, set()
+    last = len(messages) - 1
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ("user", "assistant"):
+            return f"messages.{i}.role: Input should be 'user' or 'assistant'", 0
+        empty = not content.strip() if isinstance(content, str) else not content
+        if empty and not (role == "assistant" and i == last):
+            return (
+                f"messages.{i}: all messages must have non-empty content "
+                "except for the optional final assistant message",
+                0,
+            )
+        if role == "assistant" and i == last and isinstance(content, str) and content != content.rstrip():
+            return "final assistant content cannot end with trailing whitespace", 0
+        error, media = _anthropic_blocks_error(content, f"messages.{i}")
+        if error:
+            return error, 0
+        tokens += media
+        blocks = content if isinstance(content, list) else []
+        results = {b.get("tool_use_id") for b in blocks if b.get("type") == "tool_result"}
+        if pending - results:
+            return (
+                f"messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                + ", ".join(sorted(pending - results)),
+                0,
+            )
+        pending = {b["id"] for b in blocks if b.get("type") == "tool_use"} if role == "assistant" else set()
+    if thinking is not None:
+        # A tool loop's last assistant turn must start with the thinking the fake signed.
+        for message in reversed(messages):
+            blocks = message["content"] if isinstance(message["content"], list) else []
+            if message["role"] != "assistant" or not any(b.get("type") == "tool_use" for b in blocks):
+                continue
+            first = blocks[0]
+            if first.get("type") != "thinking":
+                return (
+                    "messages: Expected `thinking` or `redacted_thinking`, but found `tool_use`. When `thinking` "
+                    "is enabled, a final `assistant` message must start with a thinking block.",
+                    0,
+                )
+            if first.get("signature") != anthropic_signature(str(first.get("thinking"))):
+                return "messages: Invalid `signature` in `thinking` block", 0
+            break
+    return None, tokens
+
+
+def _anthropic_input_usage(r: Reply, media_tokens: int = 0) -> dict[str, Any]:
     return {
-        "input_tokens": r.input_tokens,
+        "input_tokens": r.input_tokens + media_tokens,
         "cache_creation_input_tokens": r.cache_write_tokens + r.cache_write_1h_tokens,
         "cache_read_input_tokens": r.cached_tokens,
         "cache_creation": {
@@ -777,8 +964,8 @@ def _anthropic_input_usage(r: Reply) -> dict[str, Any]:
     }
 
 
-def _anthropic_usage(r: Reply, output_tokens: int) -> dict[str, Any]:
-    usage = _anthropic_input_usage(r)
+def _anthropic_usage(r: Reply, output_tokens: int, media_tokens: int = 0) -> dict[str, Any]:
+    usage = _anthropic_input_usage(r, media_tokens)
     usage["output_tokens"] = output_tokens
     usage["service_tier"] = "standard"
     usage["inference_geo"] = "global"
@@ -787,11 +974,63 @@ def _anthropic_usage(r: Reply, output_tokens: int) -> dict[str, Any]:
     return usage
 
 
+def _anthropic_content(r: Reply, data: dict[str, Any], mid: str) -> tuple[list[dict[str, Any]], str]:
+    """The answer's content blocks and stop reason.
+
+    Thinking (when asked) comes first, signed. With tools, the reply's `tool_calls` become
+    `tool_use` blocks (text first unless tool use is forced); a forced tool the reply has no
+    call for (the JSON-by-tool pattern) gets the reply's text, parsed as JSON, as its input.
+    """
+    blocks: list[dict[str, Any]] = []
+    if data.get("thinking"):
+        blocks.append(
+            {"type": "thinking", "thinking": ANTHROPIC_THINKING, "signature": anthropic_signature(ANTHROPIC_THINKING)}
+        )
+    tools = data.get("tools") or []
+    choice = data.get("tool_choice") or {"type": "auto"}
+    calls: list[dict[str, str]] = []
+    if tools and choice["type"] != "none":
+        if choice["type"] == "tool":
+            arguments = r.tool_calls[0]["arguments"] if r.tool_calls else r.text
+            calls = [{"name": choice["name"], "arguments": arguments}]
+        elif r.tool_calls:
+            calls = r.tool_calls[:1] if choice.get("disable_parallel_tool_use") else list(r.tool_calls)
+        elif choice["type"] == "any":
+            calls = [{"name": tools[0]["name"], "arguments": "{}"}]
+    if r.text and choice["type"] not in ("any", "tool") or not calls:
+        blocks.append({"type": "text", "text": r.text})
+    for k, call in enumerate(calls):
+        try:
+            arguments = json.loads(call["arguments"])
+        except ValueError:
+            arguments = {"text": call["arguments"]}
+        blocks.append({"type": "tool_use", "id": f"toolu_{mid[-10:]}{k}", "name": call["name"], "input": arguments})
+    stop = _ANTHROPIC_FINISH.get(r.finish, r.finish)
+    return blocks, "tool_use" if calls and stop == "end_turn" else stop
+
+
 def _sse(event: str, data: dict[str, Any]) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + _dumps(data) + b"\n\n"
 
 
 _ANTHROPIC_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+
+def _anthropic_block_events(index: int, block: dict[str, Any], r: Reply) -> Iterator[bytes | None]:
+    """One non-text block as content_block_start, its deltas and content_block_stop."""
+    kind = block["type"]
+    if kind == "thinking":
+        start: dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
+        deltas = [{"type": "thinking_delta", "thinking": p} for p in _pieces(block["thinking"], 2)]
+        deltas.append({"type": "signature_delta", "signature": block["signature"]})
+    else:  # tool_use: the input as JSON fragments, after an empty one as the API sends
+        start = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+        text = _dumps(block["input"]).decode()
+        deltas = [{"type": "input_json_delta", "partial_json": p} for p in ["", *_pieces(text, r.chunks)]]
+    yield _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": start})
+    for delta in deltas:
+        yield _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+    yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
 
 
 def _anthropic(
@@ -815,6 +1054,9 @@ def _anthropic(
     for required in ("model", "max_tokens", "messages"):
         if required not in data:
             return _anthropic_error(start_response, 400, f"{required}: Field required")
+    refused, media_tokens = _anthropic_request_error(data)
+    if refused:
+        return _anthropic_error(start_response, 400, refused)
 
     r = _begin(fake, environ)
     mid = f"msg_fake{_new_id()}"
@@ -822,10 +1064,10 @@ def _anthropic(
     if r.retry_after is not None:
         headers.append(("Retry-After", r.retry_after))
     if r.status != 200:
-        return _anthropic_error(start_response, r.status, r.error_message, r.error_type, headers)
+        return _anthropic_error(start_response, r.status, r.error_message, r.error_type, headers, r.error_code)
 
     model = str(data["model"])
-    stop = _ANTHROPIC_FINISH.get(r.finish, r.finish)
+    content, stop = _anthropic_content(r, data, mid)
     with_usage = r.fault != "no_usage"
     if data.get("stream") is not True:
         body: dict[str, Any] = {
@@ -833,12 +1075,12 @@ def _anthropic(
             "type": "message",
             "role": "assistant",
             "model": model,
-            "content": [{"type": "text", "text": r.text}],
+            "content": content,
             "stop_reason": stop,
             "stop_sequence": None,
         }
         if with_usage:
-            body["usage"] = _anthropic_usage(r, r.output_tokens)
+            body["usage"] = _anthropic_usage(r, r.output_tokens, media_tokens)
         return _respond(start_response, 200, headers, _dumps(body))
 
     def events() -> Iterator[bytes | None]:
@@ -852,44 +1094,40 @@ def _anthropic(
             "stop_sequence": None,
         }
         if with_usage:
-            message["usage"] = _anthropic_usage(r, min(1, r.output_tokens))
+            message["usage"] = _anthropic_usage(r, min(1, r.output_tokens), media_tokens)
         yield _sse("message_start", {"type": "message_start", "message": message})
-        yield _sse(
-            "content_block_start",
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-        )
-        yield _ANTHROPIC_PING
-        cut = _cut(r)
-        for k, piece in enumerate(_pieces(r.text, r.chunks)):
-            if k == cut:
-                break
+        for index, block in enumerate(content):
+            if block["type"] != "text":
+                yield from _anthropic_block_events(index, block, r)
+                continue
             yield _sse(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "text_delta", "text": piece},
-                },
+                "content_block_start",
+                {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}},
             )
-        if cut is not None:
-            if r.fault == "truncate":
-                yield None
+            yield _ANTHROPIC_PING
+            cut = _cut(r)
+            for k, piece in enumerate(_pieces(r.text, r.chunks)):
+                if k == cut:
+                    break
+                yield _sse(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}},
+                )
+            if cut is not None:
+                if r.fault == "truncate":
+                    yield None
+                    return
+                error = {"type": r.error_type or "overloaded_error", "message": r.error_message}
+                yield _sse("error", {"type": "error", "error": error})
                 return
-            error = {"type": "overloaded_error", "message": r.error_message}
-            yield _sse("error", {"type": "error", "error": error})
-            return
-        yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+            yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
         for output_tokens in (r.output_tokens // 2, r.output_tokens):
             delta: dict[str, Any] = {
                 "type": "message_delta",
                 "delta": {"stop_reason": stop, "stop_sequence": None},
             }
             if with_usage:
-                usage = _anthropic_input_usage(r)
+                usage = _anthropic_input_usage(r, media_tokens)
                 del usage["cache_creation"]
                 usage["output_tokens"] = output_tokens
                 delta["usage"] = usage
@@ -901,7 +1139,7 @@ def _anthropic(
 
 # --------------------------------------------------------------------------- Gemini
 
-_GEMINI_FINISH = {"stop": "STOP", "length": "MAX_TOKENS"}
+_GEMINI_FINISH = {"stop": "STOP", "length": "MAX_TOKENS", "content_filter": "SAFETY"}
 _GEMINI_STATUS = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
