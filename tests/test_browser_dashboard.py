@@ -17,7 +17,7 @@ from werkzeug.security import generate_password_hash
 from broker import accounts
 from broker.models import Account
 from tests.browser_support import PHONE, Watch, axe_violations, chromium, new_page, shot
-from tests.conftest import Tenant, make_tenant
+from tests.conftest import Tenant, WorkerProcess, make_tenant
 
 PASSWORD = "a long enough password"
 
@@ -196,3 +196,76 @@ def test_dark_mode_follows_the_system_setting(live_server, browser, app):
     shot(dark, "keys-dark")
     assert_clean(dark, dark_watch)
     assert_clean(light, light_watch)
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+def submit(base: str, tenant: Tenant, path: str, body: dict) -> dict:
+    response = requests.post(base + path, json=body, headers=tenant.headers, timeout=10)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def balance(base: str, tenant: Tenant) -> int:
+    return requests.get(base + "/v1/balance", headers=tenant.headers, timeout=10).json()["available_ucr"]
+
+
+def test_jobs_go_live_from_queued_to_succeeded_with_previews_and_named_downloads(live_server, browser, app):
+    tenant = customer(app)
+    prompt = "a lighthouse at dusk, painted in thick oils, seen from a small boat rocking on a grey sea " * 2
+    image = submit(live_server, tenant, "/v1/image", {"model": "demo/image", "prompt": prompt})
+    speech = submit(live_server, tenant, "/v1/tts", {"model": "demo/tts", "text": "Hello there", "voice_id": "v1"})
+    page, watch = new_page(browser)
+    log_in(page, live_server, tenant)
+    page.goto(live_server + "/dashboard/jobs")
+    image_row, speech_row = f"#job-{image['id']}", f"#job-{speech['id']}"
+    assert page.locator(f"{image_row} [data-testid=job-status]").inner_text() == "queued"
+    assert page.locator(f"{image_row} button:has-text('Cancel')").count() == 1
+    shown = page.locator(f"{image_row} .job-what").inner_text()
+    assert shown.startswith("a lighthouse at dusk") and shown.endswith("…") and len(shown) <= 120
+    worker = WorkerProcess(app.config["BROKER_TEST_CONFIG"]).start()
+    try:
+        for row in (image_row, speech_row):
+            page.wait_for_selector(f"{row} [data-testid=job-status]:text-is('succeeded')", timeout=20_000)
+    finally:
+        worker.stop()
+    assert page.locator(f"{image_row}[hx-get]").count() == 0  # a finished row polls no more
+    assert page.locator(f"{image_row} button:has-text('Cancel')").count() == 0
+    page.wait_for_function(
+        "row => { const img = document.querySelector(row + ' img'); return img && img.complete && img.naturalWidth }",
+        arg=image_row,
+    )
+    assert page.locator(f"{speech_row} audio[controls]").count() == 1
+    link = page.locator(f"{image_row} a[download]")
+    assert link.get_attribute("download") == f"{image['id']}_0.png"
+    download = page.request.get(live_server + link.get_attribute("href"))
+    assert download.headers["content-disposition"] == f'attachment; filename="{image["id"]}_0.png"'
+    assert download.headers["content-type"] == "image/png"
+    audio_name = page.locator(f"{speech_row} a[download]").get_attribute("download")
+    assert audio_name == f"{speech['id']}_0.wav"
+    assert page.locator(f"{image_row} td[data-label=Credits]").inner_text().strip() not in ("", "0")
+    shot(page, "jobs-finished")
+    assert_clean(page, watch)
+
+
+def test_a_queued_job_is_canceled_by_clicking_and_its_hold_comes_back(live_server, browser, app):
+    tenant = customer(app)
+    before = balance(live_server, tenant)
+    job = submit(live_server, tenant, "/v1/image", {"model": "demo/image", "prompt": "a cancelled idea"})
+    assert balance(live_server, tenant) != before  # held
+    page, watch = new_page(browser, PHONE)
+    log_in(page, live_server, tenant)
+    page.goto(live_server + "/dashboard/jobs")
+    assert no_sideways_scroll(page)
+    row = f"#job-{job['id']}"
+    page.click(f"{row} button:has-text('Cancel')")
+    page.wait_for_selector(f"{row} [data-testid=job-status]:text-is('canceled')")
+    page.wait_for_function("document.activeElement && document.activeElement.dataset.testid === 'job-notice'")
+    assert "held credits are back" in page.locator(f"{row} [data-testid=job-notice]").inner_text()
+    assert page.locator(f"{row}[hx-get]").count() == 0
+    assert balance(live_server, tenant) == before
+    status = requests.get(f"{live_server}/v1/jobs/{job['id']}", headers=tenant.headers, timeout=10).json()["status"]
+    assert status == "canceled"
+    shot(page, "jobs-canceled-phone")
+    assert_clean(page, watch)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from sqlalchemy import select
 
 from broker import accounts
+from broker.models import ApiKey
 from tests.conftest import make_tenant
 
 PASSWORD = "correct horse battery"
@@ -178,3 +182,150 @@ def test_a_key_can_be_tightened_from_the_dashboard(app, client, member):
     assert (
         client.post(f"/dashboard/keys/{tenant.key_id}/limits", data={"per_minute": "5"}).status_code == 400
     )  # no CSRF
+
+
+# -- keys: expiry, notices, revoke without JavaScript ---------------------------------------
+
+
+def test_a_key_can_be_made_with_an_expiry_and_a_bad_choice_is_refused(app, client, member):
+    _, token = member
+    hx = {"HX-Request": "true", "X-CSRFToken": token}
+    created = client.post("/dashboard/keys", data={"name": "month", "expires_in_days": "30"}, headers=hx)
+    assert created.status_code == 200 and "It expires on" in created.get_data(as_text=True)
+    key = re.search(r"brk_live_\w+", created.get_data(as_text=True)).group(0)
+    assert client.get("/v1/balance", headers={"X-API-Key": key}).status_code == 200
+    session = app.extensions["broker"].db()
+    row = session.scalar(select(ApiKey).where(ApiKey.name == "month"))
+    expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=UTC)
+    assert timedelta(days=29, hours=23) < expires - datetime.now(UTC) <= timedelta(days=30)
+    refused = client.post("/dashboard/keys", data={"name": "odd", "expires_in_days": "3650"}, headers=hx)
+    assert refused.status_code == 422 and "Choose when the key expires" in refused.get_data(as_text=True)
+    assert session.scalar(select(ApiKey).where(ApiKey.name == "odd")) is None
+
+
+def test_saved_limits_are_confirmed(client, member):
+    tenant, token = member
+    hx = {"HX-Request": "true", "X-CSRFToken": token}
+    saved = client.post(f"/dashboard/keys/{tenant.key_id}/limits", data={"credits_per_day": "2.5"}, headers=hx)
+    assert saved.status_code == 200 and 'data-testid="keys-notice"' in saved.get_data(as_text=True)
+    assert "Limits saved" in saved.get_data(as_text=True)
+
+
+def test_revoke_without_javascript_asks_then_revokes_and_needs_csrf(client, member):
+    tenant, token = member
+    path = f"/dashboard/keys/{tenant.key_id}/revoke"
+    assert client.post(path, data={"confirm": "yes"}).status_code == 400  # no CSRF token
+    asked = client.post(path, data={"csrf_token": token})
+    assert asked.status_code == 200 and "Revoke the key" in asked.get_data(as_text=True)
+    assert client.get("/v1/balance", headers=tenant.headers).status_code == 200
+    done = client.post(path, data={"csrf_token": token, "confirm": "yes"})
+    assert done.status_code == 303 and done.headers["Location"].endswith("/dashboard/keys")
+    assert client.get("/v1/balance", headers=tenant.headers).status_code == 401
+    assert "is revoked" in client.get("/dashboard/keys").get_data(as_text=True)
+    other = make_tenant()
+    assert client.post(f"/dashboard/keys/{other.key_id}/revoke", data={"csrf_token": token}).status_code == 404
+
+
+# -- without a session: HTMX goes to log-in whole ---------------------------------------------
+
+
+def test_htmx_without_a_session_is_sent_to_log_in_with_the_page_as_next(app, client, member):
+    tenant, token = member
+    page = {"HX-Request": "true", "HX-Current-URL": "http://localhost/dashboard/usage?days=7"}
+    assert client.get("/dashboard/balance", headers=page).status_code == 200
+    accounts.end_sessions(
+        app.extensions["broker"].db(), accounts.get_by_email(app.extensions["broker"].db(), tenant.email)
+    )
+    poll = client.get("/dashboard/balance", headers=page)
+    assert poll.status_code == 401 and poll.get_data() == b""
+    target = urlsplit(poll.headers["HX-Redirect"])
+    assert target.path == "/login" and parse_qs(target.query)["next"] == ["/dashboard/usage?days=7"]
+    elsewhere = client.get(
+        "/dashboard/balance", headers={"HX-Request": "true", "HX-Current-URL": "https://evil.test/x"}
+    )
+    assert parse_qs(urlsplit(elsewhere.headers["HX-Redirect"]).query)["next"] == ["/dashboard/"]
+    whole = client.get("/dashboard/keys")
+    assert whole.status_code == 302 and parse_qs(urlsplit(whole.headers["Location"]).query)["next"] == [
+        "/dashboard/keys"
+    ]
+
+
+def test_htmx_post_from_a_tab_left_open_after_logging_out_goes_to_log_in(client, member):
+    _, token = member
+    client.post("/logout", data={"csrf_token": token})
+    response = client.post("/dashboard/keys", data={"name": "x"}, headers={"HX-Request": "true", "X-CSRFToken": token})
+    assert response.status_code == 401 and urlsplit(response.headers["HX-Redirect"]).path == "/login"
+    assert (
+        client.post("/dashboard/keys", data={"name": "x", "csrf_token": token}).status_code == 400
+    )  # no JS: as before
+
+
+# -- error pages ------------------------------------------------------------------------------
+
+
+def test_error_pages_for_people_and_json_for_the_api(app, client):
+    missing = client.get("/no-such-page")
+    html = missing.get_data(as_text=True)
+    assert missing.status_code == 404 and missing.mimetype == "text/html"
+    assert '<nav aria-label="Main">' in html and "Page not found" in html
+    api = client.get("/v1/nope")
+    assert api.status_code == 404 and api.get_json()["error"]["code"] == "not_found"
+    wrong_method = client.delete("/pricing")
+    assert wrong_method.status_code == 405 and "GET" in wrong_method.headers["Allow"]
+    assert "Method not allowed" in wrong_method.get_data(as_text=True)
+    assert client.delete("/v1/balance").get_json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_unexpected_error_is_a_page_in_the_layout(app):
+    app.config["PROPAGATE_EXCEPTIONS"] = False  # as in production: the handler answers, not the test client
+
+    def boom():
+        raise RuntimeError("a bug")
+
+    app.add_url_rule("/boom-for-test", "boom_for_test", boom)
+    response = app.test_client().get("/boom-for-test")
+    assert response.status_code == 500 and "Something went wrong" in response.get_data(as_text=True)
+    assert '<nav aria-label="Main">' in response.get_data(as_text=True) and "a bug" not in response.get_data(
+        as_text=True
+    )
+
+
+def test_too_many_requests_is_a_page_with_retry_after(client):
+    token = csrf_from(client.get("/password/forgot").get_data(as_text=True))
+    form = {"email": "someone@example.com", "csrf_token": token}
+    assert [client.post("/password/forgot", data=form).status_code for _ in range(3)] == [302, 302, 302]
+    limited = client.post("/password/forgot", data=form)  # 3 an hour for one address
+    assert limited.status_code == 429 and "Too many requests" in limited.get_data(as_text=True)
+    assert '<nav aria-label="Main">' in limited.get_data(as_text=True)
+    assert int(limited.headers["Retry-After"]) > 0
+
+
+# -- jobs: cancel and named files ----------------------------------------------------------------
+
+
+def test_a_queued_job_is_canceled_from_the_dashboard_and_only_once(app, client, member):
+    tenant, token = member
+    job = client.post("/v1/image", json={"model": "demo/image", "prompt": "never made"}, headers=tenant.headers)
+    job_id = job.get_json()["id"]
+    hx = {"HX-Request": "true", "X-CSRFToken": token}
+    canceled = client.post(f"/dashboard/jobs/{job_id}/cancel", headers=hx)
+    assert canceled.status_code == 200 and "held credits are back" in canceled.get_data(as_text=True)
+    assert client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).get_json()["status"] == "canceled"
+    again = client.post(f"/dashboard/jobs/{job_id}/cancel", data={"csrf_token": token})
+    assert again.status_code == 303
+    assert "Not canceled: the job is already canceled" in client.get("/dashboard/jobs").get_data(as_text=True)
+    assert client.post(f"/dashboard/jobs/{job_id}/cancel", headers={"HX-Request": "true"}).status_code == 400
+    other = make_tenant()
+    theirs = client.post("/v1/image", json={"model": "demo/image", "prompt": "theirs"}, headers=other.headers)
+    assert client.post(f"/dashboard/jobs/{theirs.get_json()['id']}/cancel", headers=hx).status_code == 404
+    assert client.get(f"/v1/jobs/{theirs.get_json()['id']}", headers=other.headers).get_json()["status"] == "queued"
+
+
+def test_download_names_say_what_the_file_is():
+    from broker.web.dashboard.jobs import file_name
+
+    assert file_name("job_ab12", 0, "image/png") == "job_ab12_0.png"
+    assert file_name("job_ab12", 1, "audio/mpeg") == "job_ab12_1.mp3"
+    assert file_name("job_ab12", 0, "audio/wav; rate=44100") == "job_ab12_0.wav"
+    assert file_name("job_ab12", 0, "audio/pcmu") == "job_ab12_0.ulaw"
+    assert file_name("job_ab12", 0, "application/x-unknown-thing") == "job_ab12_0.bin"
