@@ -82,6 +82,7 @@ class Reply:
     chunk_delay: float = 0.0  # seconds to sleep before each streamed event after the first
     error_type: str | None = None  # overrides OpenAI error.type / Anthropic error.type / Gemini status
     error_code: str | None = None  # overrides OpenAI error.code (e.g. "insufficient_quota") / Suno errorCode
+    block_reason: str | None = None  # Gemini: the prompt is blocked (200, promptFeedback.blockReason, no candidates)
     # --- chat answers beyond text (OpenAI wire format; other providers may ignore them)
     tool_calls: list[dict[str, str]] | None = None  # [{"name", "arguments" (a JSON string)}], when tools were sent
     refusal: str | None = None  # the model refuses: content null, this text in `refusal`
@@ -1154,6 +1155,190 @@ _GEMINI_STATUS = {
     504: "DEADLINE_EXCEEDED",
 }
 _GEMINI_PREFIX = "/v1beta/models/"
+# GenerateContentRequest and GenerationConfig fields (REST reference, camelCase); the real API
+# answers any other name with 400 "Invalid JSON payload received. Unknown name …".
+_GEMINI_REQUEST = {
+    "contents",
+    "systemInstruction",
+    "tools",
+    "toolConfig",
+    "safetySettings",
+    "generationConfig",
+    "cachedContent",
+}
+_GEMINI_CONFIG = {
+    "stopSequences",
+    "responseMimeType",
+    "responseSchema",
+    "responseJsonSchema",
+    "responseModalities",
+    "candidateCount",
+    "maxOutputTokens",
+    "temperature",
+    "topP",
+    "topK",
+    "seed",
+    "presencePenalty",
+    "frequencyPenalty",
+    "responseLogprobs",
+    "logprobs",
+    "enableEnhancedCivicAnswers",
+    "speechConfig",
+    "thinkingConfig",
+    "imageConfig",
+    "mediaResolution",
+}
+# Gemini's Schema object (an OpenAPI subset): JSON Schema's other keys are refused.
+_GEMINI_SCHEMA = {
+    "type",
+    "format",
+    "title",
+    "description",
+    "nullable",
+    "enum",
+    "maxItems",
+    "minItems",
+    "properties",
+    "required",
+    "minProperties",
+    "maxProperties",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "example",
+    "anyOf",
+    "propertyOrdering",
+    "default",
+    "items",
+    "minimum",
+    "maximum",
+}
+_GEMINI_PART = {"text", "inlineData", "fileData", "functionCall", "functionResponse", "thought", "thoughtSignature"}
+_GEMINI_MODES = {"AUTO", "ANY", "NONE", "VALIDATED"}
+
+
+def gemini_thought_signature(name: str, args: dict[str, Any]) -> str:
+    """The signature the fake puts on a function call it makes while thinking (and checks on return)."""
+    digest = hashlib.sha256(f"{name}:{json.dumps(args, sort_keys=True)}".encode()).digest()
+    return base64.b64encode(b"fake-thought:" + digest[:18]).decode()
+
+
+def _gemini_schema_error(node: Any, where: str) -> str | None:
+    if not isinstance(node, dict):
+        return f"Invalid value at '{where}': a schema must be an object."
+    for key, value in node.items():
+        if key not in _GEMINI_SCHEMA:
+            return f"Invalid JSON payload received. Unknown name \"{key}\" at '{where}': Cannot find field."
+        if key == "properties":
+            for name, sub in (value or {}).items():
+                if error := _gemini_schema_error(sub, f"{where}.properties[{name}].value"):
+                    return error
+        elif key == "items" or key == "anyOf":
+            for k, sub in enumerate(value if key == "anyOf" else [value]):
+                if error := _gemini_schema_error(sub, f"{where}.{key}[{k}]"):
+                    return error
+    return None
+
+
+def _gemini_thinking(model: str, config: dict[str, Any]) -> bool:
+    """Whether the model thinks on this request (Gemini 3 always does; 2.5 unless the budget is 0)."""
+    thinking = config.get("thinkingConfig") or {}
+    return model.startswith("gemini-3") or (bool(thinking) and thinking.get("thinkingBudget") != 0)
+
+
+def _gemini_request_error(data: dict[str, Any], model: str) -> str | None:
+    """What the real API would answer with 400 INVALID_ARGUMENT for this body, or None."""
+    for key in data:
+        if key not in _GEMINI_REQUEST:
+            return f'Invalid JSON payload received. Unknown name "{key}": Cannot find field.'
+    config = data.get("generationConfig") or {}
+    for key in config:
+        if key not in _GEMINI_CONFIG:
+            return f"Invalid JSON payload received. Unknown name \"{key}\" at 'generation_config': Cannot find field."
+    if "responseSchema" in config and config.get("responseMimeType") != "application/json":
+        return "response_mime_type must be application/json when response_schema is set."
+    if "responseSchema" in config and (
+        error := _gemini_schema_error(config["responseSchema"], "generation_config.response_schema")
+    ):
+        return error
+    if "logprobs" in config and not config.get("responseLogprobs"):
+        return "logprobs requires response_logprobs to be true."
+    declared: set[str] = set()
+    for t, tool in enumerate(data.get("tools") or []):
+        for f, fn in enumerate(tool.get("functionDeclarations") or []):
+            declared.add(fn.get("name", ""))
+            if "parameters" in fn:
+                where = f"tools[{t}].function_declarations[{f}].parameters"
+                if error := _gemini_schema_error(fn["parameters"], where):
+                    return error
+    mode = ((data.get("toolConfig") or {}).get("functionCallingConfig") or {}).get("mode", "AUTO")
+    if mode not in _GEMINI_MODES:
+        return f"Invalid value at 'tool_config.function_calling_config.mode' ({mode})"
+    thinking = _gemini_thinking(model, config)
+    for k, content in enumerate(data["contents"]):
+        if content.get("role", "user") not in ("user", "model"):
+            return f"Please use a valid role: user, model (contents[{k}])."
+        if not content.get("parts"):
+            return f"contents[{k}].parts must not be empty."
+        for part in content["parts"]:
+            if set(part) - _GEMINI_PART or not set(part) & (_GEMINI_PART - {"thought", "thoughtSignature"}):
+                return f"contents[{k}]: a part must hold exactly one kind of data."
+            call = part.get("functionCall")
+            if call is not None:
+                if content.get("role") != "model":
+                    return "A functionCall part must be in a model turn."
+                if call.get("name") not in declared:
+                    return f"Function {call.get('name')!r} is not declared in tools."
+                # Parallel calls: only the first call of a turn carries (and needs) the signature.
+                first = next(p for p in content["parts"] if "functionCall" in p) is part
+                signature = gemini_thought_signature(call["name"], call.get("args") or {})
+                if thinking and first and part.get("thoughtSignature") != signature:
+                    return (
+                        "Function call is missing a thought_signature in functionCall parts. This is required for "
+                        "tools to work correctly, and missing thought_signature may lead to degraded model "
+                        f"performance. Additional data, function call `default_api:{call['name']}`, position {k + 1}."
+                    )
+            response = part.get("functionResponse")
+            if response is not None and (
+                content.get("role") != "user" or not isinstance(response.get("response"), dict)
+            ):
+                return "A functionResponse part must be in a user turn and hold a response object."
+            inline = part.get("inlineData")
+            if inline is not None:
+                try:
+                    base64.b64decode(inline.get("data", ""), validate=True)
+                except ValueError:
+                    return "Invalid value at 'contents.parts.inline_data.data' (TYPE_BYTES), Base64 decoding failed."
+                if not inline.get("mimeType"):
+                    return "inline_data.mime_type is required."
+            file = part.get("fileData")
+            if file is not None and not str(file.get("fileUri", "")).startswith(("https://", "gs://")):
+                return "Invalid file_data.file_uri: only https:// and Files API URIs are accepted."
+    return None
+
+
+def _gemini_calls(r: Reply, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The reply's function calls when the request declared functions and did not say NONE."""
+    calls = r.tool_calls
+    config = (data.get("toolConfig") or {}).get("functionCallingConfig") or {}
+    if not calls or not data.get("tools") or config.get("mode") == "NONE":
+        return []
+    allowed = config.get("allowedFunctionNames")
+    out = []
+    for call in calls:
+        name = allowed[0] if allowed and call["name"] not in allowed else call["name"]
+        out.append({"name": name, "args": json.loads(call["arguments"])})
+    return out
+
+
+def _gemini_logprobs(text: str, top: int) -> dict[str, Any]:
+    chosen, tops = [], []
+    for k, token in enumerate(re.findall(r"\s*\S+", text)):
+        value = -0.01 * (k + 1)
+        chosen.append({"token": token, "tokenId": 1000 + k, "logProbability": value})
+        others = [{"token": f"alt{j}", "tokenId": 9000 + j, "logProbability": value - j - 1} for j in range(top)]
+        tops.append({"candidates": [chosen[-1], *others][: max(top, 1)]})
+    return {"topCandidates": tops, "chosenCandidates": chosen}
 
 
 def _gemini_error_body(
@@ -1241,22 +1426,37 @@ def _gemini(
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         return _gemini_error(start_response, 400, "candidateCount must be a positive integer.")
 
+    model_version = model.removeprefix("models/")
+    if error := _gemini_request_error(data, model_version):
+        return _gemini_error(start_response, 400, error)
+
     r = _begin(fake, environ)
     if r.status != 200:
         rpc = r.error_type or None
         return _gemini_error(start_response, r.status, r.error_message, rpc, r.retry_after)
 
-    model_version = model.removeprefix("models/")
     response_id = f"fake{_new_id()}"
     finish = _GEMINI_FINISH.get(r.finish, r.finish)
     with_usage = r.fault != "no_usage"
+    calls = _gemini_calls(r, data)
+    signed = _gemini_thinking(model_version, config)
+    top = config.get("logprobs", 1) if config.get("responseLogprobs") else 0
 
     def response(text: str, final: bool) -> dict[str, Any]:
         candidates = []
         for i in range(count):
-            candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
+            parts: list[dict[str, Any]] = [{"text": text}] if text else []
+            if final:
+                for k, call in enumerate(calls):
+                    part: dict[str, Any] = {"functionCall": call}
+                    if signed and k == 0:  # Gemini signs the first call of a turn while thinking
+                        part["thoughtSignature"] = gemini_thought_signature(call["name"], call["args"])
+                    parts.append(part)
+            candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"}}
             if final:
                 candidate["finishReason"] = finish
+            if top and text:
+                candidate["logprobsResult"] = _gemini_logprobs(text, top)
             candidate["index"] = i
             candidates.append(candidate)
         obj: dict[str, Any] = {"candidates": candidates}
@@ -1266,11 +1466,24 @@ def _gemini(
         obj["responseId"] = response_id
         return obj
 
+    if r.block_reason:
+        # A blocked prompt: HTTP 200, no candidates, the reason in promptFeedback.
+        blocked = {
+            "promptFeedback": {"blockReason": r.block_reason},
+            "usageMetadata": {"promptTokenCount": r.input_tokens, "totalTokenCount": r.input_tokens},
+            "modelVersion": model_version,
+            "responseId": response_id,
+        }
+        if action == "generateContent":
+            return _respond(start_response, 200, [], _dumps(blocked))
+        return _stream(environ, start_response, [], iter([b"data: " + _dumps(blocked) + b"\r\n\r\n"]))
+
+    text = "" if calls else r.text
     if action == "generateContent":
-        return _respond(start_response, 200, [], _dumps(response(r.text, True)))
+        return _respond(start_response, 200, [], _dumps(response(text, True)))
 
     def objects() -> Iterator[dict[str, Any] | None]:
-        pieces = _pieces(r.text, r.chunks)
+        pieces = _pieces(text, r.chunks) if text else [""]
         cut = _cut(r)
         last = len(pieces) - 1
         for k, piece in enumerate(pieces):
