@@ -23,6 +23,7 @@ def create_app(overrides: dict | None = None) -> Flask:
         static_folder=str(ROOT / "static"),
     )
     app.config.update(settings)
+    init_compression(app)  # first: its after_request then runs after every other one
     Path(app.instance_path).mkdir(parents=True, exist_ok=True)
     observability.init_app(app)
     extensions.init_app(app)
@@ -38,6 +39,12 @@ def create_app(overrides: dict | None = None) -> Flask:
         hops = settings["PROXY_HOPS"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     return app
+
+
+def init_compression(app: Flask) -> None:
+    from broker.web import compression
+
+    compression.init_app(app)
 
 
 def register_blueprints(app: Flask) -> None:

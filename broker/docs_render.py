@@ -590,6 +590,70 @@ def _sdk_example(path: str, body: dict, base: str) -> str:
     )
 
 
+# -- example responses and headers ----------------------------------------------------
+
+# Headers of (nearly) every answer: the reference lists them once, in its Headers section.
+COMMON_HEADERS = frozenset(
+    (
+        "X-Request-Id",
+        "X-RateLimit-Limit",
+        "X-RateLimit-Remaining",
+        "X-RateLimit-Reset",
+        "Retry-After",
+        "Idempotent-Replayed",
+    )
+)
+# Request headers the document cannot describe as parameters of one operation.
+REQUEST_HEADERS = {
+    "Authorization": "`Bearer` and your API key (or send the key in `X-API-Key`).",
+    "X-API-Key": "Your API key, instead of `Authorization`.",
+    "Content-Type": "`application/json` for every request with a body.",
+    "Prefer": "`wait=N` (N ≤ 30) on a media job's submit: wait up to N seconds for it to finish.",
+}
+
+
+def response_example(op_id: str, op: dict) -> Example | None:
+    """The success answer of an operation as an example: its model's example, or what a file download sends."""
+    code, success = _success(op)
+    if not code:
+        return None
+    for content_type, media in success.get("content", {}).items():
+        if "example" in media:
+            return Example(f"{op_id}-response", f"{code} response", "json", json.dumps(media["example"], indent=2))
+        if media.get("schema", {}).get("format") == "binary":
+            shown = "image/png" if content_type == "*/*" else content_type
+            text = (
+                f"HTTP/1.1 {code} {_phrase(code)}\nContent-Type: {shown}\nContent-Length: 482113\n\n(the file's bytes)"
+            )
+            return Example(f"{op_id}-response", f"{code} response", "text", text)
+    return None
+
+
+def request_headers(spec: dict) -> list[tuple[str, Markup]]:
+    """Every request header: the authentication headers, the fixed ones and header parameters in the document."""
+    found = dict(REQUEST_HEADERS)
+    for methods in spec.get("paths", {}).values():
+        for op in methods.values():
+            for param in op.get("parameters", []):
+                if param["in"] == "header":
+                    found.setdefault(param["name"], param.get("description", ""))
+    return [(name, inline(text)) for name, text in found.items()]
+
+
+def response_headers(spec: dict) -> list[tuple[str, Markup]]:
+    """Every response header the document names, with its first description, common ones first."""
+    found: dict[str, str] = {}
+    for methods in spec.get("paths", {}).values():
+        for op in methods.values():
+            if op.get("x-audience") == "operator":
+                continue
+            for response in op.get("responses", {}).values():
+                for name, header in response.get("headers", {}).items():
+                    found.setdefault(name, header.get("description", ""))
+    order = sorted(found, key=lambda name: (name not in COMMON_HEADERS, name))
+    return [(name, inline(found[name])) for name in order]
+
+
 # -- operations -----------------------------------------------------------------------
 
 
@@ -633,6 +697,8 @@ class Operation:
     responses: list[ResponseCode]
     examples: list[Example]
     example_body: object = None
+    response_example: Example | None = None
+    operator: bool = False
 
 
 @dataclass
@@ -658,6 +724,9 @@ class Reference:
     models: dict[str, str] = field(default_factory=dict)
     guides: dict[str, Example] = field(default_factory=dict)
     quickstart: list[Example] = field(default_factory=list)
+    operator_tags: list[tuple[str, list[Operation]]] = field(default_factory=list)
+    request_headers: list[tuple[str, Markup]] = field(default_factory=list)
+    response_headers: list[tuple[str, Markup]] = field(default_factory=list)
 
 
 def _parameter(param: dict, spec: dict) -> Parameter:
@@ -691,7 +760,11 @@ def _response_codes(op: dict) -> list[ResponseCode]:
                 meaning += " With `Prefer: wait=N` a job that finishes in time comes back as `200`."
         else:
             meaning = response.get("description", "")
-        headers = [(name, h.get("description", "")) for name, h in response.get("headers", {}).items()]
+        headers = [
+            (name, h.get("description", ""))
+            for name, h in response.get("headers", {}).items()
+            if name not in COMMON_HEADERS
+        ]
         result.append(ResponseCode(code, _phrase(code), inline(meaning), list(response.get("content", {})), headers))
     return result
 
@@ -735,6 +808,8 @@ def operation(path: str, method: str, op: dict, spec: dict, base_url: str, model
         responses=_response_codes(op),
         examples=examples(slug(op_id), method, path, op, body, base_url),
         example_body=body,
+        response_example=response_example(slug(op_id), op),
+        operator=op.get("x-audience") == "operator",
     )
 
 
@@ -784,8 +859,9 @@ def reference(spec: dict, base_url: str, error_meanings: dict[str, str], models:
         for method in sorted(methods, key=lambda m: METHOD_ORDER.get(m, 9)):
             operations.append(operation(path, method, methods[method], spec, base_url, models))
     tags: dict[str, list[Operation]] = {}
+    operator_tags: dict[str, list[Operation]] = {}
     for op in operations:
-        tags.setdefault(op.tag, []).append(op)
+        (operator_tags if op.operator else tags).setdefault(op.tag, []).append(op)
     headers = []
     for scheme in spec.get("components", {}).get("securitySchemes", {}).values():
         if scheme.get("type") == "http" and scheme.get("scheme") == "bearer":
@@ -801,12 +877,15 @@ def reference(spec: dict, base_url: str, error_meanings: dict[str, str], models:
         base_url=base_url.rstrip("/"),
         auth_headers=headers,
         tags=list(tags.items()),
+        operator_tags=list(operator_tags.items()),
         operations=operations,
         errors=error_statuses(error_meanings),
         error_fields=field_rows(error_ref, spec, ERROR_NOTES) if has_error_schema else [],
         models=models,
         guides=guide_examples(base_url, models),
         quickstart=quickstart(base_url, models["chat"]),
+        request_headers=request_headers(spec),
+        response_headers=response_headers(spec),
     )
 
 

@@ -437,3 +437,165 @@ class Registration(BaseModel):
     object: Literal["registration"]
     email: str = Field(description="The address, normalised; the same answer whether or not it was known")
     message: str
+
+
+class WebhookReceived(BaseModel):
+    """What a payment webhook answers once the event is verified (``outcome`` says what it did)."""
+
+    received: Literal[True]
+    outcome: str
+
+
+# -- examples ----------------------------------------------------------------------
+# One example of each response model: /openapi.json attaches it to the operations that answer
+# with that model, and the API reference shows it. tests/test_onboarding_pages.py validates
+# each against its model and compares it with what the API really answers.
+
+_RECEIPT = {
+    "id": "req_5f0c3e9a8b7d4c2e9f1a0b3c4d5e6f70",
+    "object": "receipt",
+    "endpoint": "chat",
+    "provider": "openai",
+    "model": "openai/gpt-4o-mini",
+    "status": "ok",
+    "stream": False,
+    "tokens": {"input": 9, "cached_input": 0, "cache_write": 0, "cache_write_1h": 0, "output": 12},
+    "provider_cost_usd": "0.00000855",
+    "markup": "1.8",
+    "credits_charged": "0.001539",
+    "charged_ucr": 1539,
+    "hold_ucr": 12969,
+    "flags": {"estimated": False, "capped": False},
+    "error_code": None,
+    "detail": None,
+    "started_at": "2026-01-01T12:00:00.000Z",
+    "finished_at": "2026-01-01T12:00:00.812Z",
+}
+_MODEL = {
+    "id": "openai/gpt-4o-mini",
+    "object": "model",
+    "created": 1751587200,
+    "owned_by": "openai",
+    "kind": "chat",
+    "max_output_tokens": 16384,
+    "context_window": 128000,
+    "pricing": {
+        "markup": "1.8",
+        "unit": "credits per 1M tokens",
+        "input": "27",
+        "cached_input": "13.5",
+        "cache_write": "27",
+        "output": "108",
+    },
+}
+_JOB = {
+    "id": "job_0123456789abcdef",
+    "object": "job",
+    "type": "image",
+    "model": "openai/gpt-image-1",
+    "status": "succeeded",
+    "created_at": "2026-01-01T12:00:00+00:00",
+    "started_at": "2026-01-01T12:00:01+00:00",
+    "finished_at": "2026-01-01T12:00:09+00:00",
+    "progress": 100,
+    "hold_credits": "30.000000",
+    "cost_credits": "3.096000",
+    "request_id": "req_0123456789abcdef",
+    "error": None,
+    "media_expired": False,
+    "results": [
+        {
+            "index": 0,
+            "content_type": "image/png",
+            "bytes": 482113,
+            "url": "/v1/jobs/job_0123456789abcdef/content?index=0",
+        }
+    ],
+}
+_PURCHASE = {
+    "id": 42,
+    "object": "purchase",
+    "provider": "stripe",
+    "external_id": "cs_test_a1b2c3d4e5",
+    "method": "card",
+    "pack": "usd20",
+    "amount_usd": "20.00",
+    "credits": "2000.000000",
+    "status": "paid",
+    "refunded_credits": "0.000000",
+    "created_at": "2026-01-01T12:00:00+00:00",
+    "paid_at": "2026-01-01T12:01:10+00:00",
+    "receipt_url": "https://pay.stripe.com/receipts/payment/CAcaFwoV",
+}
+EXAMPLES: dict[type[BaseModel], dict] = {
+    ErrorResponse: {
+        "error": {
+            "type": "invalid_request_error",
+            "code": "model_not_found",
+            "message": "The model 'nope/model' does not exist or is not available. "
+            "GET /v1/models lists the models you can use.",
+            "param": "model",
+        }
+    },
+    Balance: {
+        "object": "balance",
+        "available_credits": "1234.567890",
+        "held_credits": "12.969000",
+        "available_ucr": 1234567890,
+        "held_ucr": 12969000,
+        "credit_usd": "0.01",
+    },
+    ModelInfo: _MODEL,
+    ModelList: {"object": "list", "data": [_MODEL]},
+    Receipt: _RECEIPT,
+    UsageList: {"object": "list", "data": [_RECEIPT], "has_more": True, "next_cursor": 1041, "prev_cursor": None},
+    ChatCompletion: {
+        "id": "chatcmpl-3f9c2a7e",
+        "object": "chat.completion",
+        "created": 1767268800,
+        "model": "openai/gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "Hello! How can I help you today?",
+                    "refusal": None,
+                    "annotations": [],
+                },
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 9,
+            "completion_tokens": 12,
+            "total_tokens": 21,
+            "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+            "cost_credits": 0.001539,
+        },
+        "request_id": "req_5f0c3e9a8b7d4c2e9f1a0b3c4d5e6f70",
+    },
+    JobOut: _JOB,
+    JobList: {"object": "list", "data": [_JOB], "has_more": False, "next_cursor": None},
+    CheckoutSession: {
+        "id": "cs_test_a1b2c3d4e5",
+        "object": "checkout.session",
+        "url": "https://checkout.stripe.com/c/pay/cs_test_a1b2c3d4e5",
+        "purchase_id": 42,
+    },
+    PurchaseList: {"object": "list", "data": [_PURCHASE]},
+    Registration: {
+        "object": "registration",
+        "email": "you@example.com",
+        "message": "Check your inbox: we emailed a link that confirms the address and shows your first API key "
+        "once. If the address already has an account, the email says how to log in instead.",
+    },
+    WebhookReceived: {"received": True, "outcome": "granted"},
+}

@@ -16,7 +16,7 @@ from decimal import Decimal
 import pytest
 import redis
 
-from broker import ROOT, create_app, pricing
+from broker import ROOT, create_app, docs_render, pricing
 from tests.conftest import CURRENT, OPERATOR, app_config
 from tests.test_account_security import PASSWORD, csrf_from, link_in, login, make_account, path_of, post_form
 from tests.test_public_pages import by_id, parse, text_of
@@ -305,3 +305,211 @@ def test_pricing_shows_no_operator_notes_and_no_long_fractions(client):
             assert len(fraction) <= 2, number  # from 1 up: to the cent
         else:
             assert len(fraction.lstrip("0")) <= 4, number  # below 1: four significant digits at most
+
+
+# -- item 12: the docs -------------------------------------------------------------------------
+
+
+def test_every_example_is_an_instance_of_its_model():
+    from broker.schemas import EXAMPLES
+
+    assert len(EXAMPLES) >= 12
+    for model, example in EXAMPLES.items():
+        model.model_validate(example)  # raises on any drift between an example and its model
+
+
+def test_docs_show_an_example_response_for_every_operation_from_its_model(client):
+    from broker.schemas import EXAMPLES
+
+    spec = client.get("/openapi.json").json
+    by_name = {model.__name__: example for model, example in EXAMPLES.items()}
+    document = parse(client.get("/docs").data)
+    seen = 0
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            section = by_id(document, "op-" + docs_render.slug(operation["operationId"]))
+            blocks = [el for el in section.iter("div") if el.get("data-testid") == "example-response"]
+            assert len(blocks) == 1, (method, path)
+            shown = text_of(blocks[0])
+            success = next(r for code, r in sorted(operation["responses"].items()) if code.startswith("2"))
+            media = next(iter(success["content"].values()))
+            if "example" in media:
+                model = media["schema"]["$ref"].rsplit("/", 1)[1]
+                assert media["example"] == by_name[model], (method, path)  # the model's own example
+                code = next(el for el in blocks[0].iter("code"))
+                assert json.loads("".join(code.itertext())) == media["example"]
+            else:
+                assert media["schema"]["format"] == "binary" and "the file's bytes" in shown, (method, path)
+            seen += 1
+    assert seen == sum(len(methods) for methods in spec["paths"].values()) >= 15
+
+
+def keys_match(example: dict, real: dict, where: str) -> None:
+    """Every field of the example is in the real answer and the other way round, one level down too."""
+    assert set(example) == set(real), (where, set(example) ^ set(real))
+    for name, value in example.items():
+        if isinstance(value, dict) and isinstance(real[name], dict) and name not in ("pricing", "detail"):
+            keys_match(value, real[name], f"{where}.{name}")
+        if isinstance(value, list) and value and isinstance(value[0], dict) and real[name]:
+            keys_match(value[0], real[name][0], f"{where}.{name}[]")
+
+
+def test_the_examples_look_like_what_the_api_really_answers(app, client, tenant, worker):
+    from broker.schemas import EXAMPLES, Balance, ChatCompletion, JobList, JobOut, ModelList, Receipt, UsageList
+
+    h = tenant.headers
+    keys_match(EXAMPLES[Balance], client.get("/v1/balance", headers=h).json, "balance")
+    keys_match(EXAMPLES[ModelList], client.get("/v1/models", headers=h).json, "models")
+    chat = client.post(
+        "/v1/chat/completions",
+        json={"model": "demo/chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+        headers=h,
+    )
+    real_chat = chat.json
+    example_chat = json.loads(json.dumps(EXAMPLES[ChatCompletion]))
+    # Fields OpenAI sends only sometimes (tools, annotations, fingerprints) are not in the example.
+    for optional in ("system_fingerprint", "service_tier"):
+        real_chat.pop(optional, None)
+    for name in ("tool_calls", "function_call"):
+        real_chat["choices"][0]["message"].pop(name, None)
+    keys_match(example_chat, real_chat, "chat")
+    receipt = client.get(f"/v1/requests/{chat.headers['X-Request-Id']}", headers=h).json
+    keys_match(EXAMPLES[Receipt], receipt, "receipt")
+    keys_match(EXAMPLES[UsageList], client.get("/v1/usage", headers=h).json, "usage")
+    job = client.post(
+        "/v1/image", json={"model": "demo/image", "prompt": "a dot"}, headers={**h, "Prefer": "wait=20"}
+    ).json
+    keys_match(EXAMPLES[JobOut], job, "job")
+    keys_match(EXAMPLES[JobList], client.get("/v1/jobs", headers=h).json, "jobs")
+
+
+def test_the_documented_headers_are_the_ones_the_api_sends(client, tenant):
+    spec = client.get("/openapi.json").json
+    page = text_of(by_id(parse(client.get("/docs").data), "headers"))
+    for name in (
+        "Idempotency-Key",
+        "X-RateLimit-Limit",
+        "X-RateLimit-Remaining",
+        "X-RateLimit-Reset",
+        "Retry-After",
+        "X-Credits-Charged",
+        "X-Credits-Remaining",
+        "X-Credits-Held",
+        "X-Request-Id",
+    ):
+        assert name in page, name
+    chat_doc = spec["paths"]["/v1/chat/completions"]["post"]
+    assert "Idempotency-Key" in {p["name"] for p in chat_doc["parameters"] if p["in"] == "header"}
+    documented = set(chat_doc["responses"]["200"]["headers"]) - {"Idempotent-Replayed"}  # only on a replay
+    chat = client.post(
+        "/v1/chat/completions",
+        json={"model": "demo/chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+        headers={**tenant.headers, "Idempotency-Key": "first-try"},
+    )
+    assert documented <= set(chat.headers.keys()), documented - set(chat.headers.keys())
+    again = client.post(
+        "/v1/chat/completions",
+        json={"model": "demo/chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+        headers={**tenant.headers, "Idempotency-Key": "first-try"},
+    )
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Retry-After" in spec["paths"]["/v1/balance"]["get"]["responses"]["429"]["headers"]
+
+
+def test_docs_have_javascript_examples_beside_curl_and_python(client):
+    spec = client.get("/openapi.json").json
+    document = parse(client.get("/docs").data)
+    for path, methods in spec["paths"].items():
+        for operation in methods.values():
+            section = by_id(document, "op-" + docs_render.slug(operation["operationId"]))
+            labels = [el.get("data-tab-label") for el in section.iter("section") if el.get("data-tab-label")]
+            assert labels[:2] == ["curl", "Python (requests)"] and "JavaScript (fetch)" in labels, (path, labels)
+            fetch = text_of(by_id(document, docs_render.slug(operation["operationId"]) + "-fetch"))
+            assert "await fetch(" in fetch and path.split("{")[0] in fetch
+    for path in ("/v1/chat/completions", "/v1/chat"):
+        op_id = docs_render.slug(spec["paths"][path]["post"]["operationId"])
+        sdk = text_of(by_id(document, f"{op_id}-openai-js"))
+        assert 'import OpenAI from "openai"' in sdk and 'baseURL: "http://localhost/v1"' in sdk
+
+
+def test_webhooks_are_in_an_operator_section_not_the_customer_api(client):
+    spec = client.get("/openapi.json").json
+    for path in ("/webhooks/stripe", "/webhooks/coinbase"):
+        assert spec["paths"][path]["post"]["x-audience"] == "operator"
+    assert all(
+        "x-audience" not in op for path, ops in spec["paths"].items() if path.startswith("/v1/") for op in ops.values()
+    )
+    document = parse(client.get("/docs").data)
+    operators = text_of(by_id(document, "operators"))
+    assert "/webhooks/stripe" in operators and "/webhooks/coinbase" in operators
+    customer = [el for el in document.iter("section") if (el.get("id") or "").startswith("tag-")]
+    assert customer and all("/webhooks/" not in text_of(section) for section in customer)
+
+
+def test_web_and_api_never_import_each_other():
+    import ast
+
+    for package, other in (("web", "broker.api"), ("api", "broker.web")):
+        for path in (ROOT / "broker" / package).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+                for name in names:
+                    assert not (name == other or name.startswith(other + ".")), (str(path), name)
+
+
+# -- compression ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br"])
+def test_pages_static_files_and_the_openapi_document_are_compressed(client, encoding):
+    import gzip
+
+    import brotli
+
+    decode = {"gzip": gzip.decompress, "br": brotli.decompress}[encoding]
+    for path in ("/docs", "/openapi.json", "/static/css/site.css", "/pricing"):
+        raw = client.get(path)
+        raw_body = raw.get_data()
+        raw.close()
+        packed = client.get(path, headers={"Accept-Encoding": encoding})
+        body = packed.get_data()
+        packed.close()
+        assert packed.headers.get("Content-Encoding") == encoding, path
+        assert "Accept-Encoding" in packed.headers.get("Vary", ""), path
+        assert decode(body) == raw_body, path
+        assert len(body) < len(raw_body) / 3, (path, len(body), len(raw_body))
+    docs = client.get("/docs", headers={"Accept-Encoding": encoding})
+    assert len(docs.get_data()) < 40_000  # the raw page is far over 200 KB
+
+
+def test_the_api_event_streams_and_no_store_pages_are_never_compressed(app, client, tenant):
+    gzip_only = {"Accept-Encoding": "gzip, br, zstd"}
+    models = client.get("/v1/models", headers={**tenant.headers, **gzip_only})
+    assert models.status_code == 200 and len(models.get_data()) > 1000
+    assert "Content-Encoding" not in models.headers
+    stream = client.post(
+        "/v1/chat/completions",
+        json={"model": "demo/chat", "stream": True, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+        headers={**tenant.headers, **gzip_only},
+    )
+    assert stream.mimetype == "text/event-stream"
+    assert "Content-Encoding" not in stream.headers
+    assert b"data: [DONE]" in stream.get_data()
+
+    from werkzeug.security import generate_password_hash
+
+    from broker.models import Account
+
+    session = app.extensions["broker"].db()
+    session.get(Account, tenant.account_id).password_hash = generate_password_hash(PASSWORD)
+    session.commit()
+    assert login(client, tenant.email).status_code == 302
+    for path in ("/dashboard/", "/dashboard/keys", "/signup"):
+        page = client.get(path, headers=gzip_only)
+        assert page.status_code == 200 and "no-store" in page.headers["Cache-Control"], path
+        assert "Content-Encoding" not in page.headers, path

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, render_template
 
-from broker import docs_render, hosts
-from broker.api import openapi
+from broker import docs_render, hosts, openapi
 from broker.web import enabled_models
 
 bp = Blueprint("docs", __name__)

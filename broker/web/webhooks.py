@@ -8,10 +8,11 @@ import logging
 import stripe
 from flask import Blueprint, current_app, jsonify, request
 
-from broker.api.openapi import operation
 from broker.billing import coinbase, stripe_checkout
 from broker.errors import InvalidRequest, ServiceUnavailable
 from broker.extensions import services
+from broker.openapi import operation
+from broker.schemas import WebhookReceived
 
 bp = Blueprint("webhooks", __name__, url_prefix="/webhooks")
 log = logging.getLogger(__name__)
@@ -19,7 +20,12 @@ TOLERANCE_SECONDS = 300
 
 
 @bp.post("/stripe")
-@operation(summary="Stripe events (Checkout completed, async payments, expired; refunds)", tag="Webhooks", auth=False)
+@operation(
+    summary="Stripe events (Checkout completed, async payments, expired; refunds)",
+    tag="Webhooks",
+    auth=False,
+    response=WebhookReceived,
+)
 def stripe_webhook():
     svc = services()
     secret = current_app.config["STRIPE_WEBHOOK_SECRET"]
@@ -40,7 +46,12 @@ def stripe_webhook():
 
 
 @bp.post("/coinbase")
-@operation(summary="Coinbase Commerce charge events (USDC; product being retired)", tag="Webhooks", auth=False)
+@operation(
+    summary="Coinbase Commerce charge events (USDC; product being retired)",
+    tag="Webhooks",
+    auth=False,
+    response=WebhookReceived,
+)
 def coinbase_webhook():
     payload = request.get_data()
     coinbase.verify(
