@@ -574,6 +574,13 @@ def test_stop_user_top_k_and_cache_control_are_mapped(app, live_server, tenant, 
     assert sent(upstream)["metadata"] == {"user_id": f"{ns}-person-1"}  # OpenAI's successor to user wins
 
 
+def test_fields_with_nothing_to_translate_are_accepted_and_not_sent(live_server, tenant, upstream):
+    harmless = {"logprobs": False, "modalities": ["text"], "service_tier": "auto", "store": False}
+    completion, _, _ = create(live_server, tenant.key, messages=MESSAGES, extra_body=harmless)
+    assert completion.choices[0].message.content == Reply().text
+    assert sent(upstream) == {"model": UPSTREAM_MODEL, "max_tokens": 100, "messages": [ASK]}
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [

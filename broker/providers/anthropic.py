@@ -296,7 +296,7 @@ def _messages(messages: list[dict], *, thinking: bool) -> tuple[list[dict], list
     for i, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
         if role in ("system", "developer"):
-            system.extend(b for b in _blocks(content, f"messages[{i}]") if b.get("text"))
+            system.extend(b for b in _blocks(content, f"messages[{i}]") if b["text"].strip())
             continue
         if role == "tool":
             if tool_turn is None:
@@ -365,7 +365,9 @@ def _user_content(content: object, i: int) -> str | list[dict]:
     for part in map(c.as_dict, content):
         kind = part.get("type")
         if kind == "text":
-            block = {"type": "text", "text": str(part.get("text", ""))}
+            if not str(part.get("text", "")).strip():
+                continue  # Anthropic refuses blank text blocks; an all-blank turn is refused as empty
+            block = {"type": "text", "text": str(part["text"])}
         elif kind == "image_url" and (url := c.image_url_of(part)):
             block = {"type": "image", "source": _image_source(url)}
         elif kind == "file":
