@@ -70,7 +70,8 @@ FIELD_NOTES: dict[str, str] = {
     "max_completion_tokens": "Same as `max_tokens` (OpenAI's newer name).",
     "n": "How many choices to generate (not for Anthropic models).",
     "stream": "Answer with Server-Sent Events (see the streaming guide).",
-    "stream_options": "OpenAI's stream options; the usage chunk is always sent.",
+    "stream_options": "OpenAI's stream options: `include_usage: true` adds a last chunk with the usage and "
+    "`cost_credits`.",
     "temperature": "Sampling temperature.",
     "top_p": "Nucleus sampling.",
     "stop": "Up to 4 sequences where generation stops.",
@@ -918,15 +919,18 @@ def guide_examples(base_url: str, models: dict[str, str]) -> dict[str, Example]:
     key = f'-H "Authorization: Bearer ${PLACEHOLDER_KEY}"'
     model = json.dumps(models["chat"])
     chunk = f'{{"id":"chatcmpl-3f9c…","object":"chat.completion.chunk","created":1767225600,"model":{model},"choices":'
+    rest = '"logprobs":null,"finish_reason":'
     usage = (
         '{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21,'
-        '"prompt_tokens_details":{"cached_tokens":0,"cache_write_tokens":0},"cost_credits":0.00405}'
+        '"prompt_tokens_details":{"cached_tokens":0,"cache_write_tokens":0,"audio_tokens":0},'
+        '"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,'
+        '"rejected_prediction_tokens":0},"cost_credits":0.00405}'
     )
     sse = "\n\n".join(
         [
-            f'data: {chunk}[{{"index":0,"delta":{{"role":"assistant","content":""}},"finish_reason":null}}]}}',
-            f'data: {chunk}[{{"index":0,"delta":{{"content":"Hello"}},"finish_reason":null}}]}}',
-            f'data: {chunk}[{{"index":0,"delta":{{}},"finish_reason":"stop"}}]}}',
+            f'data: {chunk}[{{"index":0,"delta":{{"role":"assistant","content":""}},{rest}null}}],"usage":null}}',
+            f'data: {chunk}[{{"index":0,"delta":{{"content":"Hello"}},{rest}null}}],"usage":null}}',
+            f'data: {chunk}[{{"index":0,"delta":{{}},{rest}"stop"}}],"usage":null}}',
             f'data: {chunk}[],"usage":{usage}}}',
             "data: [DONE]",
         ]
@@ -949,6 +953,7 @@ stream = client.chat.completions.create(
     model="{models["chat"]}",
     messages=[{{"role": "user", "content": "Write a haiku about the sea"}}],
     stream=True,
+    stream_options={{"include_usage": True}},
 )
 for chunk in stream:
     if chunk.choices and chunk.choices[0].delta.content:
@@ -956,7 +961,12 @@ for chunk in stream:
     if chunk.usage:
         print()
         print("charged", chunk.usage.model_extra["cost_credits"], "credits")"""
-    stream_body = {"model": models["chat"], "stream": True, "messages": [{"role": "user", "content": "Hello"}]}
+    stream_body = {
+        "model": models["chat"],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "Hello"}],
+    }
     stream_curl = (
         f"curl -N {base}/v1/chat/completions \\\n  {key} \\\n"
         f"  -H \"Content-Type: application/json\" \\\n  -d '{json.dumps(stream_body)}'"

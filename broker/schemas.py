@@ -468,8 +468,8 @@ _RECEIPT = {
     "flags": {"estimated": False, "capped": False},
     "error_code": None,
     "detail": None,
-    "started_at": "2026-01-01T12:00:00.000Z",
-    "finished_at": "2026-01-01T12:00:00.812Z",
+    "started_at": "2026-01-01T12:00:00.152366+00:00",
+    "finished_at": "2026-01-01T12:00:00.964211+00:00",
 }
 _MODEL = {
     "id": "openai/gpt-4o-mini",
