@@ -61,6 +61,7 @@ def _model_json(svc: Services, price: ModelPrice) -> dict:
     tag="Account",
     query=ModelsQuery,
     response=ModelList,
+    errors=("400", "401", "429", "503"),
 )
 def models():
     query = parse_query(ModelsQuery)
@@ -74,7 +75,12 @@ def models():
 
 
 @bp.get("/models/<path:model_id>")
-@operation(summary="One model, with its prices in credits", tag="Account", response=ModelInfo)
+@operation(
+    summary="One model, with its prices in credits",
+    tag="Account",
+    response=ModelInfo,
+    errors=("401", "404", "429", "503"),
+)
 def model(model_id: str):
     svc = services()
     price = svc.prices.models.get(model_id)
