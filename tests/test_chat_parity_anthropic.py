@@ -21,7 +21,9 @@ import requests
 
 from broker import alerts
 from broker.chat import account_namespace
-from broker.providers.anthropic import PDF_PAGE_TOKENS, THINKING_BUDGETS, TOOL_PROMPT_TOKENS
+from broker.errors import InvalidRequest
+from broker.providers.anthropic import PDF_PAGE_TOKENS, THINKING_BUDGETS, TOOL_PROMPT_TOKENS, AnthropicProvider
+from broker.providers.base import ChatCall
 from tests.conftest import assert_invariant
 from tests.fakes.upstreams import (
     ANTHROPIC_PDF_PAGE_TOKENS,
@@ -739,3 +741,24 @@ def test_anthropic_errors_reach_the_sdk_as_its_classes_and_charge_nothing(app, l
     valid(ERROR, raised.value.response.json())
     assert balance(app, tenant) == before
     assert_invariant(app)
+
+
+@pytest.mark.parametrize(
+    ("rules", "fields", "param"),
+    [
+        ({"sampling": "default_only"}, {"temperature": 0.2}, "temperature"),
+        ({"sampling": "default_only"}, {"top_p": 0.9}, "top_p"),
+        ({"sampling": "default_only"}, {"extra": {"top_k": 5}}, "top_k"),
+        ({"thinking": "none"}, {"extra": {"reasoning_effort": "low"}}, "reasoning_effort"),
+    ],
+)
+def test_per_model_rules_from_the_price_table_are_checked_by_the_adapter(upstream, rules, fields, param):
+    """Rows no current model uses yet (e.g. a model that samples with its defaults only)."""
+    provider = AnthropicProvider(upstream.anthropic_base, "sk-ant-test", requests.Session(), (2.0, 2.0))
+    calls = len(upstream.requests)
+    call = ChatCall(model="claude-next", messages=MESSAGES, max_tokens=4000, rules=rules, **fields)
+    with pytest.raises(InvalidRequest) as raised:
+        provider.check(call)
+    assert raised.value.param == param and raised.value.code == "unsupported_parameter"
+    assert provider.check(dataclasses.replace(call, rules={}, temperature=None, top_p=None)) == 0
+    assert len(upstream.requests) == calls  # checking never calls Anthropic
