@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from broker import ledger_scripts
+from broker import ledger_scripts, usage
 from broker.models import Account, LedgerEntry, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -369,7 +369,7 @@ class Ledger:
                 receipts.append(_usage_row(account_id, json.loads(fields["r"]), int(fields["t"]), created))
         self._insert_entries(session, rows)
         if receipts:
-            _insert_ignore(session, UsageRecord, receipts, "request_id")
+            usage.store_records(session, receipts)  # and their daily roll-ups, in this transaction
 
     @staticmethod
     def _insert_entries(session: Session, rows: list[dict]) -> None:

@@ -1,11 +1,20 @@
-"""Reading usage: receipts and the paged, filtered list of an account's metered requests."""
+"""Reading usage: receipts, the filtered and paged list of an account's requests, the CSV rows, and roll-ups.
+
+Totals and charts come from ``usage_daily`` (per account, UTC day, model, key and endpoint),
+which ``store_records`` keeps current in the transaction that stores the records, so no page
+ever sums the records themselves. Lists read the records newest first by id through an index
+that matches their filter; a period becomes an id range taken from the roll-ups' ``first_id``
+and ``last_id``, so a sparse filter never walks records outside the period.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -13,10 +22,30 @@ from broker.errors import NotFound
 from broker.models import UsageDaily, UsageRecord
 from broker.pricing import format_credits
 
+NO_KEY = 0  # usage_daily.key_id of requests made without an API key
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What a usage view is limited to; the same for its totals, charts, list and CSV.
+
+    ``since``/``until`` bound ``started_at`` (``until`` excluded); ``key_id`` 0 means "no key".
+    """
+
+    model: str | None = None
+    key_id: int | None = None
+    endpoint: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
 
 def _utc(moment: datetime) -> str:
     """ISO 8601 in UTC; SQLite hands timestamps back without their zone."""
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
+    return _aware(moment).isoformat()
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def receipt(row: UsageRecord) -> dict:
@@ -55,83 +84,171 @@ def get_receipt(session: Session, account_id: int, request_id: str) -> dict:
     return receipt(row)
 
 
-def list_usage(
-    session: Session,
-    account_id: int,
-    limit: int = 20,
-    before: int | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    model: str | None = None,
-) -> dict:
-    """Newest first; ``before`` is the cursor from the previous page's ``next_cursor``."""
-    query = select(UsageRecord).where(UsageRecord.account_id == account_id)
-    if before:
-        query = query.where(UsageRecord.id < before)
-    if since:
-        query = query.where(UsageRecord.started_at >= since)
-    if until:
-        query = query.where(UsageRecord.started_at < until)
-    if model:
-        query = query.where(UsageRecord.model == model)
-    rows = list(session.scalars(query.order_by(UsageRecord.id.desc()).limit(limit + 1)))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return {
-        "object": "list",
-        "data": [receipt(row) for row in rows],
-        "has_more": more,
-        "next_cursor": rows[-1].id if more else None,
-    }
+# -- writing: records and their roll-ups together ------------------------------------------
+
+
+def _insert(session: Session):
+    return {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[session.get_bind().dialect.name]
+
+
+def store_records(session: Session, rows: list[dict]) -> int:
+    """Insert usage records (a replayed ``request_id`` is skipped) and add the new ones to the roll-ups.
+
+    Runs in the caller's transaction, so records and roll-ups commit together. Returns how
+    many records were new.
+    """
+    if not rows:
+        return 0
+    statement = (
+        _insert(session)(UsageRecord)
+        .on_conflict_do_nothing(index_elements=["request_id"])
+        .returning(
+            UsageRecord.id,
+            UsageRecord.account_id,
+            UsageRecord.started_at,
+            UsageRecord.model,
+            UsageRecord.key_id,
+            UsageRecord.endpoint,
+            UsageRecord.charged_ucr,
+        )
+    )
+    inserted = session.execute(statement, rows).all()
+    buckets: dict[tuple, dict] = {}
+    for record_id, account, started, model, key_id, endpoint, charged in inserted:
+        bucket_key = (account, _aware(started).date(), model, key_id or NO_KEY, endpoint)
+        bucket = buckets.get(bucket_key)
+        if bucket is None:
+            buckets[bucket_key] = bucket = dict(
+                zip(("account_id", "day", "model", "key_id", "endpoint"), bucket_key, strict=True),
+                requests=0,
+                charged_ucr=0,
+                first_id=record_id,
+                last_id=record_id,
+            )
+        bucket["requests"] += 1
+        bucket["charged_ucr"] += charged
+        bucket["first_id"] = min(bucket["first_id"], record_id)
+        bucket["last_id"] = max(bucket["last_id"], record_id)
+    if buckets:
+        # Sorted, so concurrent writers lock the same roll-up rows in the same order (no deadlock).
+        _upsert_buckets(session, sorted(buckets.values(), key=_bucket_order), add=True)
+    return len(inserted)
+
+
+def _bucket_order(bucket: dict) -> tuple:
+    return (bucket["account_id"], bucket["day"], bucket["model"], bucket["key_id"], bucket["endpoint"])
+
+
+def _upsert_buckets(session: Session, values: list[dict], add: bool) -> None:
+    """Insert roll-up rows; on an existing bucket add to it (``add``) or replace it (a recount)."""
+    statement = _insert(session)(UsageDaily)
+    new = statement.excluded
+    if add:
+        lesser = func.least if session.get_bind().dialect.name == "postgresql" else func.min
+        greater = func.greatest if session.get_bind().dialect.name == "postgresql" else func.max
+        changes = {
+            "requests": UsageDaily.requests + new.requests,
+            "charged_ucr": UsageDaily.charged_ucr + new.charged_ucr,
+            "first_id": lesser(UsageDaily.first_id, new.first_id),
+            "last_id": greater(UsageDaily.last_id, new.last_id),
+        }
+    else:
+        changes = {name: getattr(new, name) for name in ("requests", "charged_ucr", "first_id", "last_id")}
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["account_id", "day", "model", "key_id", "endpoint"], set_=changes
+        ),
+        values,
+    )
 
 
 def rollup_days(session: Session, days: int = 2, today: date | None = None, account_id: int | None = None) -> int:
-    """Recompute the daily totals of the last ``days`` days from usage records (idempotent).
+    """Recount the roll-ups of the last ``days`` days from the records (idempotent; a repair).
 
-    With ``account_id``, only that account's (the dashboard refreshes its own view).
+    ``store_records`` keeps them current as records arrive; the cron's recount only puts
+    right what something other than ``store_records`` may have changed.
     """
     today = today or datetime.now(UTC).date()
     written = 0
     for offset in range(days):
         day = today - timedelta(days=offset)
         start = datetime.combine(day, time.min, tzinfo=UTC)
+        key = func.coalesce(UsageRecord.key_id, NO_KEY)
         rows = session.execute(
             select(
                 UsageRecord.account_id,
                 UsageRecord.model,
+                key,
+                UsageRecord.endpoint,
                 func.count(),
                 func.coalesce(func.sum(UsageRecord.charged_ucr), 0),
+                func.min(UsageRecord.id),
+                func.max(UsageRecord.id),
             )
             .where(UsageRecord.started_at >= start, UsageRecord.started_at < start + timedelta(days=1))
             .where(UsageRecord.account_id == account_id if account_id else True)
-            .group_by(UsageRecord.account_id, UsageRecord.model)
+            .group_by(UsageRecord.account_id, UsageRecord.model, key, UsageRecord.endpoint)
         ).all()
         values = [
-            {"account_id": a, "day": day, "model": m, "requests": n, "charged_ucr": int(c)} for a, m, n, c in rows
+            {
+                "account_id": a,
+                "day": day,
+                "model": m,
+                "key_id": k,
+                "endpoint": e,
+                "requests": n,
+                "charged_ucr": int(c),
+                "first_id": lo,
+                "last_id": hi,
+            }
+            for a, m, k, e, n, c, lo, hi in rows
         ]
         if values:
-            insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[session.get_bind().dialect.name]
-            statement = insert(UsageDaily)
-            session.execute(
-                statement.on_conflict_do_update(
-                    index_elements=["account_id", "day", "model"],
-                    set_={"requests": statement.excluded.requests, "charged_ucr": statement.excluded.charged_ucr},
-                ),
-                values,
-            )
+            _upsert_buckets(session, sorted(values, key=_bucket_order), add=False)
         written += len(values)
     session.commit()
     return written
 
 
-def daily_series(session: Session, account_id: int, days: int, today: date | None = None) -> dict:
+# -- reading the roll-ups: totals, charts, choices -------------------------------------------
+
+
+def _daily(columns: list, account_id: int, filters: Filters) -> Select:
+    """A roll-up query limited to the filters (period by whole UTC days)."""
+    query = select(*columns).where(UsageDaily.account_id == account_id)
+    if filters.since:
+        query = query.where(UsageDaily.day >= _aware(filters.since).date())
+    if filters.until:
+        query = query.where(UsageDaily.day <= _aware(filters.until).date())
+    if filters.model:
+        query = query.where(UsageDaily.model == filters.model)
+    if filters.key_id is not None:
+        query = query.where(UsageDaily.key_id == filters.key_id)
+    if filters.endpoint:
+        query = query.where(UsageDaily.endpoint == filters.endpoint)
+    return query
+
+
+def period(days: int, today: date | None = None) -> Filters:
+    """The last ``days`` whole UTC days, today included."""
+    today = today or datetime.now(UTC).date()
+    return Filters(since=datetime.combine(today - timedelta(days=days - 1), time.min, tzinfo=UTC))
+
+
+def daily_series(
+    session: Session, account_id: int, days: int, today: date | None = None, filters: Filters | None = None
+) -> dict:
     """Credits and requests per day (oldest first) over the last ``days`` days, split by model."""
     today = today or datetime.now(UTC).date()
     first = today - timedelta(days=days - 1)
+    filters = filters or Filters()
+    since = datetime.combine(first, time.min, tzinfo=UTC)
     rows = session.execute(
-        select(UsageDaily.day, UsageDaily.model, UsageDaily.requests, UsageDaily.charged_ucr).where(
-            UsageDaily.account_id == account_id, UsageDaily.day >= first
-        )
+        _daily(
+            [UsageDaily.day, UsageDaily.model, func.sum(UsageDaily.requests), func.sum(UsageDaily.charged_ucr)],
+            account_id,
+            Filters(filters.model, filters.key_id, filters.endpoint, since, None),
+        ).group_by(UsageDaily.day, UsageDaily.model)
     ).all()
     dates = [first + timedelta(days=i) for i in range(days)]
     models = sorted({model for _, model, _, _ in rows})
@@ -140,17 +257,189 @@ def daily_series(session: Session, account_id: int, days: int, today: date | Non
     for day, model, count, charged in rows:
         index = (day - first).days
         if 0 <= index < days:
-            spend[model][index] += charged
-            requests[index] += count
+            spend[model][index] += int(charged)
+            requests[index] += int(count)
     return {"dates": dates, "models": models, "spend": spend, "requests": requests}
 
 
-def spent_since(session: Session, account_id: int, since: datetime) -> int:
-    """Micro-credits charged to the account since a moment (from the usage records)."""
-    return int(
-        session.scalar(
-            select(func.coalesce(func.sum(UsageRecord.charged_ucr), 0)).where(
-                UsageRecord.account_id == account_id, UsageRecord.started_at >= since
-            )
+def totals_by(session: Session, account_id: int, filters: Filters, column: str) -> list[dict]:
+    """Requests and micro-credits per ``model``, ``key_id`` or ``endpoint`` (most spent first)."""
+    group = getattr(UsageDaily, column)
+    rows = session.execute(
+        _daily([group, func.sum(UsageDaily.requests), func.sum(UsageDaily.charged_ucr)], account_id, filters).group_by(
+            group
         )
-    )
+    ).all()
+    out = [{column: value, "requests": int(n), "charged_ucr": int(c)} for value, n, c in rows]
+    return sorted(out, key=lambda row: (-row["charged_ucr"], str(row[column])))
+
+
+def choices(session: Session, account_id: int) -> dict[str, list]:
+    """The models, keys and endpoints this account has used (the filters' options)."""
+    rows = session.execute(
+        select(UsageDaily.model, UsageDaily.key_id, UsageDaily.endpoint)
+        .where(UsageDaily.account_id == account_id)
+        .distinct()
+    ).all()
+    return {
+        "models": sorted({m for m, _, _ in rows}),
+        "key_ids": sorted({k for _, k, _ in rows}),
+        "endpoints": sorted({e for _, _, e in rows}),
+    }
+
+
+def spent_since(session: Session, account_id: int, since: datetime) -> int:
+    """Micro-credits charged to the account since a moment.
+
+    From the roll-ups when ``since`` is a UTC midnight (today, this month); from the records otherwise.
+    """
+    since = _aware(since)
+    if since.timetz() == time.min.replace(tzinfo=UTC):
+        query = _daily([func.coalesce(func.sum(UsageDaily.charged_ucr), 0)], account_id, Filters(since=since))
+    else:
+        query = select(func.coalesce(func.sum(UsageRecord.charged_ucr), 0)).where(
+            UsageRecord.account_id == account_id, UsageRecord.started_at >= since
+        )
+    return int(session.scalar(query))
+
+
+# -- reading the records: the list and the CSV ------------------------------------------------
+
+
+def _id_range(session: Session, account_id: int, filters: Filters) -> tuple[int, int] | None:
+    """The record ids a period can hold, from the roll-ups; None when it holds none.
+
+    Every record started on or after ``since`` lies in a roll-up of that day or later, so its id
+    is at least their smallest ``first_id`` (and likewise for ``until``). Unbounded: (0, 0).
+    """
+    if not filters.since and not filters.until:
+        return 0, 0
+    low, high = session.execute(
+        _daily([func.min(UsageDaily.first_id), func.max(UsageDaily.last_id)], account_id, filters)
+    ).one()
+    if low is None:
+        return None
+    return int(low), int(high)
+
+
+def _records(columns: list, account_id: int, filters: Filters, ids: tuple[int, int]) -> Select:
+    """Records matching the filters, as the index of the filter reads them."""
+    query = select(*columns).where(UsageRecord.account_id == account_id)
+    if filters.model:
+        query = query.where(UsageRecord.model == filters.model)
+    if filters.key_id is not None:
+        query = query.where(UsageRecord.key_id == filters.key_id if filters.key_id else UsageRecord.key_id.is_(None))
+    if filters.endpoint:
+        query = query.where(UsageRecord.endpoint == filters.endpoint)
+    if filters.since:
+        query = query.where(UsageRecord.id >= ids[0], UsageRecord.started_at >= filters.since)
+    if filters.until:
+        query = query.where(UsageRecord.id <= ids[1], UsageRecord.started_at < filters.until)
+    return query
+
+
+def list_usage(
+    session: Session,
+    account_id: int,
+    limit: int = 20,
+    before: int | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    model: str | None = None,
+    after: int | None = None,
+    key_id: int | None = None,
+    endpoint: str | None = None,
+) -> dict:
+    """One page, newest first. ``before`` (a page's ``next_cursor``) pages to older requests,
+    ``after`` (a page's ``prev_cursor``) to newer ones; ``has_more`` says older ones exist."""
+    filters = Filters(model, key_id, endpoint, since, until)
+    page = {"object": "list", "data": [], "has_more": False, "next_cursor": None, "prev_cursor": None}
+    ids = _id_range(session, account_id, filters)
+    if ids is None:
+        return page
+    base = _records([UsageRecord], account_id, filters, ids)
+    if after is not None:
+        rows = list(session.scalars(base.where(UsageRecord.id > after).order_by(UsageRecord.id).limit(limit + 1)))
+        newer = len(rows) > limit
+        rows = list(reversed(rows[:limit]))
+        older = bool(rows) and _exists(session, base.where(UsageRecord.id < rows[-1].id))
+    else:
+        query = base.where(UsageRecord.id < before) if before else base
+        rows = list(session.scalars(query.order_by(UsageRecord.id.desc()).limit(limit + 1)))
+        older = len(rows) > limit
+        rows = rows[:limit]
+        newer = bool(before) and _exists(session, base.where(UsageRecord.id > (rows[0].id if rows else before - 1)))
+    page["data"] = [receipt(row) for row in rows]
+    page["has_more"] = older
+    page["next_cursor"] = rows[-1].id if older else None
+    if newer:
+        page["prev_cursor"] = rows[0].id if rows else before - 1
+    return page
+
+
+def _exists(session: Session, query: Select) -> bool:
+    return session.scalar(select(query.with_only_columns(UsageRecord.id).limit(1).exists())) or False
+
+
+CSV_HEADER = (
+    "time",
+    "request_id",
+    "model",
+    "endpoint",
+    "key_id",
+    "status",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "credits",
+    "charged_ucr",
+    "estimated",
+)
+
+
+def csv_rows(session: Session, account_id: int, filters: Filters, batch: int = 2000) -> Iterator[tuple]:
+    """Every matching record as a CSV row (``CSV_HEADER``), newest first, read ``batch`` at a time by id.
+
+    Credits are exact: six decimal places are all the micro-credits there are.
+    """
+    yield CSV_HEADER
+    ids = _id_range(session, account_id, filters)
+    if ids is None:
+        return
+    columns = [
+        UsageRecord.id,
+        UsageRecord.started_at,
+        UsageRecord.request_id,
+        UsageRecord.model,
+        UsageRecord.endpoint,
+        UsageRecord.key_id,
+        UsageRecord.status,
+        UsageRecord.input_tokens,
+        UsageRecord.cached_input_tokens,
+        UsageRecord.output_tokens,
+        UsageRecord.charged_ucr,
+        UsageRecord.estimated,
+    ]
+    base = _records(columns, account_id, filters, ids).order_by(UsageRecord.id.desc()).limit(batch)
+    cursor = None
+    while True:
+        rows = session.execute(base.where(UsageRecord.id < cursor) if cursor else base).all()
+        for row in rows:
+            record_id, started, request_id, model, endpoint, key, status, tin, tcached, tout, charged, est = row
+            yield (
+                _utc(started),
+                request_id,
+                model,
+                endpoint,
+                key if key is not None else "",
+                status,
+                tin,
+                tcached,
+                tout,
+                format_credits(charged),
+                charged,
+                "yes" if est else "no",
+            )
+        if len(rows) < batch:
+            return
+        cursor = rows[-1][0]

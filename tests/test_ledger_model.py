@@ -35,7 +35,7 @@ from sqlalchemy import delete
 
 from broker import accounts
 from broker.ledger import EXPIRY
-from broker.models import Account, LedgerEntry, UsageRecord
+from broker.models import Account, LedgerEntry, UsageDaily, UsageRecord
 
 GRANTS = st.integers(min_value=1, max_value=50_000_000)  # µcr
 DEBITS = st.integers(min_value=1, max_value=2_000_000)  # partial refunds, mostly; they still hit zero
@@ -84,7 +84,7 @@ class LedgerModel(RuleBasedStateMachine):
             return
         self.session.rollback()
         self.svc.redis.flushall()
-        for table in (UsageRecord, LedgerEntry):
+        for table in (UsageDaily, UsageRecord, LedgerEntry):
             self.session.execute(delete(table).where(table.account_id == self.account))
         self.session.execute(delete(Account).where(Account.id == self.account))
         self.session.commit()

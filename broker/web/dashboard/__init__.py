@@ -49,10 +49,9 @@ def account_id() -> int:
 
 
 def fresh_usage() -> None:
-    """Copy this account's pending ledger entries and roll up today, so what it sees is current."""
+    """Copy this account's pending ledger entries (and so their roll-ups), so what it sees is current."""
     svc = services()
     svc.ledger.drain(svc.db(), [account_id()])
-    usage.rollup_days(svc.db(), days=1, account_id=account_id())
 
 
 # -- overview and balance -----------------------------------------------------------
