@@ -191,10 +191,19 @@ class UsageQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     limit: int = Field(default=20, ge=1, le=100)
-    cursor: int | None = Field(default=None, ge=1, le=2**63 - 1, description="next_cursor of the previous page")
+    cursor: int | None = Field(
+        default=None, ge=1, le=2**63 - 1, description="next_cursor of a page: the page of older requests"
+    )
+    after: int | None = Field(
+        default=None, ge=0, le=2**63 - 1, description="prev_cursor of a page: the page of newer requests"
+    )
     from_: datetime | None = Field(default=None, alias="from", description="ISO 8601; requests started at or after")
     to: datetime | None = Field(default=None, description="ISO 8601; requests started before")
     model: str | None = Field(default=None, max_length=200)
+    key_id: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="Only this API key's requests (0: those made without a key)"
+    )
+    endpoint: str | None = Field(default=None, max_length=40, description="e.g. chat, tts, image, music")
 
     @field_validator("from_", "to", mode="before")
     @classmethod
@@ -303,8 +312,9 @@ class Receipt(BaseModel):
 class UsageList(BaseModel):
     object: Literal["list"]
     data: list[Receipt]
-    has_more: bool
-    next_cursor: int | None
+    has_more: bool = Field(description="Older requests exist")
+    next_cursor: int | None = Field(description="Pass as cursor for the older page")
+    prev_cursor: int | None = Field(description="Pass as after for the newer page; null on the newest page")
 
 
 class ChatMessageOut(BaseModel):

@@ -352,6 +352,8 @@ def list_usage(
 ) -> dict:
     """One page, newest first. ``before`` (a page's ``next_cursor``) pages to older requests,
     ``after`` (a page's ``prev_cursor``) to newer ones; ``has_more`` says older ones exist."""
+    # In UTC, as stored (SQLite would compare a zoned timestamp by its local digits).
+    since, until = (_aware(moment) if moment else None for moment in (since, until))
     filters = Filters(model, key_id, endpoint, since, until)
     page = {"object": "list", "data": [], "has_more": False, "next_cursor": None, "prev_cursor": None}
     ids = _id_range(session, account_id, filters)

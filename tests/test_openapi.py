@@ -26,7 +26,7 @@ def test_document_schemas_are_the_validating_models(client):
     temperature = body["properties"]["temperature"]["anyOf"]
     assert {"type": "number", "minimum": 0, "maximum": 2} in temperature
     usage = {p["name"]: p for p in spec["paths"]["/v1/usage"]["get"]["parameters"]}
-    assert set(usage) == {"limit", "cursor", "from", "to", "model"}
+    assert set(usage) == {"limit", "cursor", "after", "from", "to", "model", "key_id", "endpoint"}
     assert usage["limit"]["schema"]["maximum"] == 100
     for path, ops in spec["paths"].items():
         for method, op in ops.items():

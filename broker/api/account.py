@@ -30,6 +30,8 @@ def balance():
 @bp.get("/usage")
 @operation(
     summary="Your metered requests, newest first",
+    description="Filter by period (`from`, `to`), `model`, `key_id` and `endpoint`; page to older requests with "
+    "`cursor` (a page's `next_cursor`) and to newer ones with `after` (its `prev_cursor`).",
     tag="Account",
     query=UsageQuery,
     response=UsageList,
@@ -44,9 +46,12 @@ def usage_list():
         g.caller.account_id,
         limit=query.limit,
         before=query.cursor,
+        after=query.after,
         since=query.from_,
         until=query.to,
         model=query.model,
+        key_id=query.key_id,
+        endpoint=query.endpoint,
     )
     return jsonify(page)
 
