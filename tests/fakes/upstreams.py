@@ -81,7 +81,7 @@ class Reply:
     fault_after: int = 1  # for "truncate"/"error_event": text chunks sent before the fault
     chunk_delay: float = 0.0  # seconds to sleep before each streamed event after the first
     error_type: str | None = None  # overrides OpenAI error.type / Anthropic error.type / Gemini status
-    error_code: str | None = None  # overrides OpenAI error.code (e.g. "insufficient_quota") / Suno errorCode
+    error_code: str | None = None  # OpenAI error.code / Anthropic error.details.error_code / Suno errorCode
     block_reason: str | None = None  # Gemini: the prompt is blocked (200, promptFeedback.blockReason, no candidates)
     # --- chat answers beyond text (OpenAI wire format; other providers may ignore them)
     tool_calls: list[dict[str, str]] | None = None  # [{"name", "arguments" (a JSON string)}], when tools were sent
