@@ -169,6 +169,14 @@ def rollup_days(session: Session, days: int = 2, today: date | None = None, acco
     right what something other than ``store_records`` may have changed.
     """
     today = today or datetime.now(UTC).date()
+    # The records of these days start at the smallest id their roll-ups hold: read from there,
+    # not the whole table (without roll-ups for them, the whole table is read).
+    first_day = today - timedelta(days=days - 1)
+    low = session.scalar(
+        select(func.min(UsageDaily.first_id))
+        .where(UsageDaily.day >= first_day)
+        .where(UsageDaily.account_id == account_id if account_id else True)
+    )
     written = 0
     for offset in range(days):
         day = today - timedelta(days=offset)
@@ -187,6 +195,7 @@ def rollup_days(session: Session, days: int = 2, today: date | None = None, acco
             )
             .where(UsageRecord.started_at >= start, UsageRecord.started_at < start + timedelta(days=1))
             .where(UsageRecord.account_id == account_id if account_id else True)
+            .where(UsageRecord.id >= low if low else True)
             .group_by(UsageRecord.account_id, UsageRecord.model, key, UsageRecord.endpoint)
         ).all()
         values = [
