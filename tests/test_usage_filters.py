@@ -309,3 +309,47 @@ def test_each_list_query_reads_the_index_that_matches_it(app, filled):
                 row[-1] for row in session.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
             )
             assert index in plan and "TEMP B-TREE" not in plan, (index, extra, plan)
+
+
+# -- in a real browser -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+def test_usage_page_in_a_browser_filters_pages_and_its_chart_text_is_readable(live_server, app, viewport):
+    from tests.browser_support import DESKTOP, PHONE, axe_violations, chromium, new_page, shot
+    from tests.test_browser_dashboard import customer, log_in, no_sideways_scroll
+
+    tenant = customer(app)
+    now = datetime.now(UTC)
+    store(app, varied(tenant.account_id, [tenant.key_id], 150, now))
+    with chromium() as browser:
+        page, watch = new_page(browser, DESKTOP if viewport == "desktop" else PHONE)
+        log_in(page, live_server, tenant)
+        page.goto(live_server + "/dashboard/usage?days=30")
+        sizes = page.eval_on_selector_all(
+            "svg [data-testid=chart-text]", "els => els.map(e => e.getBoundingClientRect().height)"
+        )
+        fonts = page.eval_on_selector_all(
+            "svg [data-testid=chart-text]", "els => els.map(e => parseFloat(getComputedStyle(e).fontSize))"
+        )
+        assert len(sizes) >= 4 and min(fonts) >= 11 and min(sizes) >= 11, (fonts, sizes)
+        assert no_sideways_scroll(page)
+        shot(page, f"usage-{viewport}")
+
+        page.select_option("#model", "openai/gpt-4o-mini")
+        page.click("#usage button[type=submit]")
+        page.wait_for_url("**model=openai%2Fgpt-4o-mini**")
+        models = page.locator("#usage-table tbody tr td:nth-child(2)").all_inner_texts()
+        assert models and set(models) == {"openai/gpt-4o-mini"}
+        first = page.locator("#usage-table tbody tr").first.inner_text()
+        page.click("text=Older requests")
+        page.wait_for_selector("text=Newer requests")
+        assert set(page.locator("#usage-table tbody tr td:nth-child(2)").all_inner_texts()) == {"openai/gpt-4o-mini"}
+        page.click("text=Newer requests")
+        page.locator("text=Newer requests").wait_for(state="detached")
+        assert page.locator("#usage-table tbody tr").first.inner_text() == first
+        assert (
+            page.locator("a[data-testid=csv-link]").get_attribute("href").endswith("days=30&model=openai%2Fgpt-4o-mini")
+        )
+        assert axe_violations(page) == []
+        watch.assert_clean(page)
