@@ -102,6 +102,8 @@ class _Call:
     prompt_text: str
     message_count: int
     include_usage: bool = False
+    # The receipt's endpoint: the Responses and embeddings routes settle through this module too.
+    endpoint: str = "chat"
 
 
 def _text_of(content) -> tuple[str, int]:
@@ -354,7 +356,7 @@ def _settle(
         receipt,
         extra=lambda pipe: stamp_use(pipe, ctx.caller, charge),
     )
-    metrics.CREDITS_CHARGED.labels("chat").inc(ended.charged)
+    metrics.CREDITS_CHARGED.labels(ctx.endpoint).inc(ended.charged)
     if ended.status != "ended":
         log.error(
             "settle found no open hold",
@@ -367,7 +369,7 @@ def _receipt(m: Metering, ctx: _Call, usage: Usage, cost: Decimal, status: str, 
     return {
         "request_id": ctx.request_id,
         "key_id": ctx.caller.key_id,
-        "endpoint": "chat",
+        "endpoint": ctx.endpoint,
         "provider": ctx.price.provider,
         "model": ctx.price.id,
         "status": status,
