@@ -315,24 +315,31 @@ def spent_since(session: Session, account_id: int, since: datetime) -> int:
 # -- reading the records: the list and the CSV ------------------------------------------------
 
 
-def _id_range(session: Session, account_id: int, filters: Filters) -> tuple[int, int] | None:
-    """The record ids a period can hold, from the roll-ups; None when it holds none.
+def _id_range(session: Session, account_id: int, filters: Filters) -> tuple[int | None, int | None] | None:
+    """The record ids a period can hold (None: unbounded on that side), from the roll-ups; None when none.
 
     Every record started on or after ``since`` lies in a roll-up of that day or later, so its id
-    is at least their smallest ``first_id`` (and likewise for ``until``). Unbounded: (0, 0).
+    is at least their smallest ``first_id`` (and likewise for ``until``).
     """
     if not filters.since and not filters.until:
-        return 0, 0
+        return None, None
     low, high = session.execute(
         _daily([func.min(UsageDaily.first_id), func.max(UsageDaily.last_id)], account_id, filters)
     ).one()
     if low is None:
         return None
-    return int(low), int(high)
+    return (int(low) if filters.since else None), (int(high) if filters.until else None)
 
 
-def _records(columns: list, account_id: int, filters: Filters, ids: tuple[int, int]) -> Select:
-    """Records matching the filters, as the index of the filter reads them."""
+def _tighter(bound: int | None, other: int | None, pick) -> int | None:
+    return other if bound is None else bound if other is None else pick(bound, other)
+
+
+def _records(columns: list, account_id: int, filters: Filters, low: int | None, high: int | None) -> Select:
+    """Records matching the filters with ids in [low, high], as the index of the filter reads them.
+
+    One bound per side: given two, a planner may seek by the looser one and walk from there.
+    """
     query = select(*columns).where(UsageRecord.account_id == account_id)
     if filters.model:
         query = query.where(UsageRecord.model == filters.model)
@@ -341,9 +348,13 @@ def _records(columns: list, account_id: int, filters: Filters, ids: tuple[int, i
     if filters.endpoint:
         query = query.where(UsageRecord.endpoint == filters.endpoint)
     if filters.since:
-        query = query.where(UsageRecord.id >= ids[0], UsageRecord.started_at >= filters.since)
+        query = query.where(UsageRecord.started_at >= filters.since)
     if filters.until:
-        query = query.where(UsageRecord.id <= ids[1], UsageRecord.started_at < filters.until)
+        query = query.where(UsageRecord.started_at < filters.until)
+    if low is not None:
+        query = query.where(UsageRecord.id >= low)
+    if high is not None:
+        query = query.where(UsageRecord.id <= high)
     return query
 
 
@@ -368,28 +379,29 @@ def list_usage(
     ids = _id_range(session, account_id, filters)
     if ids is None:
         return page
-    base = _records([UsageRecord], account_id, filters, ids)
+    low, high = ids
+
+    def first(lo: int | None, hi: int | None, newest: bool, count: int) -> list:
+        order = UsageRecord.id.desc() if newest else UsageRecord.id
+        query = _records([UsageRecord], account_id, filters, _tighter(low, lo, max), _tighter(high, hi, min))
+        return list(session.scalars(query.order_by(order).limit(count)))
+
     if after is not None:
-        rows = list(session.scalars(base.where(UsageRecord.id > after).order_by(UsageRecord.id).limit(limit + 1)))
+        rows = first(after + 1, None, False, limit + 1)
         newer = len(rows) > limit
         rows = list(reversed(rows[:limit]))
-        older = bool(rows) and _exists(session, base.where(UsageRecord.id < rows[-1].id))
+        older = bool(rows) and bool(first(None, rows[-1].id - 1, True, 1))
     else:
-        query = base.where(UsageRecord.id < before) if before else base
-        rows = list(session.scalars(query.order_by(UsageRecord.id.desc()).limit(limit + 1)))
+        rows = first(None, before - 1 if before else None, True, limit + 1)
         older = len(rows) > limit
         rows = rows[:limit]
-        newer = bool(before) and _exists(session, base.where(UsageRecord.id > (rows[0].id if rows else before - 1)))
+        newer = bool(before) and bool(first(rows[0].id + 1 if rows else before, None, False, 1))
     page["data"] = [receipt(row) for row in rows]
     page["has_more"] = older
     page["next_cursor"] = rows[-1].id if older else None
     if newer:
         page["prev_cursor"] = rows[0].id if rows else before - 1
     return page
-
-
-def _exists(session: Session, query: Select) -> bool:
-    return session.scalar(select(query.with_only_columns(UsageRecord.id).limit(1).exists())) or False
 
 
 CSV_HEADER = (
@@ -431,10 +443,10 @@ def csv_rows(session: Session, account_id: int, filters: Filters, batch: int = 2
         UsageRecord.charged_ucr,
         UsageRecord.estimated,
     ]
-    base = _records(columns, account_id, filters, ids).order_by(UsageRecord.id.desc()).limit(batch)
-    cursor = None
+    low, high = ids
     while True:
-        rows = session.execute(base.where(UsageRecord.id < cursor) if cursor else base).all()
+        query = _records(columns, account_id, filters, low, high).order_by(UsageRecord.id.desc()).limit(batch)
+        rows = session.execute(query).all()
         for row in rows:
             record_id, started, request_id, model, endpoint, key, status, tin, tcached, tout, charged, est = row
             yield (
@@ -453,4 +465,4 @@ def csv_rows(session: Session, account_id: int, filters: Filters, batch: int = 2
             )
         if len(rows) < batch:
             return
-        cursor = rows[-1][0]
+        high = rows[-1][0] - 1
