@@ -22,7 +22,7 @@ ZERO = Decimal(0)
 class ModelPrice:
     """One model's prices as listed in the price table (USD).
 
-    Chat and image tokens: USD per 1M tokens. Text-to-speech: USD per 1k characters
+    Chat, embedding and image tokens: USD per 1M tokens. Text-to-speech: USD per 1k characters
     and the provider's billing units per character. Music: USD per generation.
     Fields a kind does not use are zero.
     """
@@ -268,4 +268,6 @@ def price_summary(price: ModelPrice, markup: Decimal, credit_usd: Decimal) -> di
         }
     if price.kind == "tts":
         return {"unit": "credits per 1k characters", "per_1k_characters": credits(price.usd_per_1k_chars)}
+    if price.kind == "embedding":
+        return {"unit": "credits per 1M tokens", "input": credits(price.input)}
     return {"unit": "credits per generation", "per_generation": credits(price.usd_per_generation)}

@@ -6,7 +6,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 # Request fields beyond the basic ones every provider maps. Each adapter lists those it
 # takes (``accepts``); a request that sets another one gets a 400 naming it. All of
@@ -182,6 +182,67 @@ class MusicRequest(BaseModel):
     instrumental: bool = False
 
 
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``: OpenAI's request, models named ``provider/model``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+        description="A string, a list of strings, or (OpenAI models only) token arrays; "
+        "at most 2,048 inputs (100 for Gemini models)"
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="`base64`: each vector as little-endian float32 bytes, base64-encoded"
+    )
+    dimensions: int | None = Field(default=None, ge=1, description="Shorten the vectors to this many dimensions")
+    user: str | None = Field(default=None, max_length=256)
+
+
+class ResponsesRequest(BaseModel):
+    """``POST /v1/responses``: OpenAI's Responses API (OpenAI models), passed through and metered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    input: str | list[dict[str, Any]] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=16)
+    max_tool_calls: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    store: bool | None = Field(default=None, description="Stored responses are bound to your account")
+    background: bool | None = Field(default=None, description="Refused when true")
+    previous_response_id: str | None = Field(
+        default=None, max_length=200, description="Only a response your account made"
+    )
+    tools: list[dict[str, Any]] | None = Field(default=None, description="`function` and `custom` tools only")
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    truncation: Literal["auto", "disabled"] | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=64)
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
+    # OpenAI's fields the broker refuses (a 400 naming them): they reach objects of the broker's
+    # provider account (conversations, prompts) or are not priced.
+    conversation: Any = None
+    prompt: Any = None
+    context_management: Any = None
+    prompt_cache_options: Any = None
+    moderation: Any = None
+    image: Any = None
+    access_programs: Any = None
+
+
 # -- query strings -------------------------------------------------------------------
 
 
@@ -262,7 +323,7 @@ class ModelInfo(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
-    kind: Literal["chat", "tts", "image", "music"]
+    kind: Literal["chat", "embedding", "tts", "image", "music"]
     max_output_tokens: int | None
     context_window: int | None
     pricing: dict[str, Any]
@@ -356,6 +417,54 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
     service_tier: str | None = None
     request_id: str
+
+
+class EmbeddingOut(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="The vector; a base64 string with `encoding_format: base64`")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    cost_credits: float = Field(description="Credits charged for this request")
+
+
+class EmbeddingList(BaseModel):
+    """Embeddings in OpenAI's shape, one per input, in order."""
+
+    object: Literal["list"]
+    data: list[EmbeddingOut]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ResponseUsage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+    cost_credits: float = Field(description="Credits charged for this request")
+
+
+class ResponseObject(BaseModel):
+    """OpenAI's response object, as OpenAI sent it (``model`` is the broker's id, ``usage`` has
+    ``cost_credits``); with ``stream: true`` the body is OpenAI's named Server-Sent Events, the
+    last ``response.completed`` (or ``response.incomplete`` / ``response.failed``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: str
+    model: str
+    output: list[dict[str, Any]]
+    usage: ResponseUsage | None
 
 
 class JobResultOut(BaseModel):
@@ -608,4 +717,34 @@ EXAMPLES: dict[type[BaseModel], dict] = {
         "once. If the address already has an account, the email says how to log in instead.",
     },
     WebhookReceived: {"received": True, "outcome": "granted"},
+    EmbeddingList: {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.0023064255, -0.009327292, 0.015797347]}],
+        "model": "openai/text-embedding-3-small",
+        "usage": {"prompt_tokens": 8, "total_tokens": 8, "cost_credits": 0.000029},
+    },
+    ResponseObject: {
+        "id": "resp_68af4030592c81938ec0a5fbab4a3e9f",
+        "object": "response",
+        "created_at": 1767268800,
+        "status": "completed",
+        "model": "openai/gpt-4o-mini",
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_68af40337e8c8193b95e0ef8e2c2c4b5",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "Hello! How can I help you today?", "annotations": []}],
+            }
+        ],
+        "usage": {
+            "input_tokens": 9,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 12,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 21,
+            "cost_credits": 0.001539,
+        },
+    },
 }
