@@ -173,15 +173,7 @@ def start(
         if definitions:
             prompt_text += "\n" + json.dumps(definitions)
     bound += _adapter_check(provider, price, req, messages, extra)
-    fixed = int((bound * _rate(price.max_input_rate, m)).to_integral_value(rounding="ROUND_CEILING"))
-    per_token = pricing.ucr_per_token(price.output, m.markup, m.credit_usd) * req.n
-    if caller.marketplace:
-        # RapidAPI bills the marketplace caller: no hold, the call is metered only.
-        hold = Hold(True, 0, requested or price.max_output_tokens, 0)
-    else:
-        hold = m.ledger.hold(caller.account_id, request_id, fixed, per_token, requested or 0, price.max_output_tokens)
-    if not hold.ok:
-        raise _insufficient(hold.balance, fixed + (requested or 1) * per_token)
+    hold = take_hold(m, caller, price, bound, requested, request_id, req.n)
     namespace = account_namespace(caller.account_id)
     call = ChatCall(
         model=price.upstream_model,
@@ -209,6 +201,73 @@ def start(
     if req.stream:
         return _start_stream(m, ctx, provider)
     return _complete(m, ctx, provider)
+
+
+def take_hold(
+    m: Metering, caller: Caller, price: ModelPrice, bound: int, requested: int | None, request_id: str, n: int = 1
+) -> Hold:
+    """Hold ``bound`` prompt tokens at the dearest input rate plus the output tokens (402 if unaffordable)."""
+    fixed = int((bound * _rate(price.max_input_rate, m)).to_integral_value(rounding="ROUND_CEILING"))
+    per_token = pricing.ucr_per_token(price.output, m.markup, m.credit_usd) * n
+    if caller.marketplace:
+        # RapidAPI bills the marketplace caller: no hold, the call is metered only.
+        return Hold(True, 0, requested or price.max_output_tokens, 0)
+    hold = m.ledger.hold(caller.account_id, request_id, fixed, per_token, requested or 0, price.max_output_tokens)
+    if not hold.ok:
+        raise _insufficient(hold.balance, fixed + (requested or 1) * per_token)
+    return hold
+
+
+# -- metering for routes that call a provider in its own wire format ----------------------
+# (``broker.messages`` relays Anthropic's Messages API as is): the same hold, settle and
+# receipt as chat, with the route doing the call.
+
+MeteredCall = _Call
+
+
+def open_call(
+    m: Metering,
+    caller: Caller,
+    price: ModelPrice,
+    request_id: str,
+    *,
+    bound: int,
+    max_tokens: int,
+    prompt_text: str,
+    message_count: int,
+    endpoint: str,
+) -> MeteredCall:
+    """Take the hold for a call of at most ``bound`` prompt and ``max_tokens`` output tokens."""
+    hold = take_hold(m, caller, price, bound, max_tokens, request_id)
+    call = ChatCall(model=price.upstream_model, messages=[], max_tokens=hold.max_tokens, rules=price.rules)
+    started = datetime.now(UTC)
+    return _Call(request_id, caller, price, call, hold.amount, started, prompt_text, message_count, endpoint=endpoint)
+
+
+def settle_call(
+    m: Metering,
+    ctx: MeteredCall,
+    reported: Usage | None,
+    delivered: str,
+    *,
+    finished: bool,
+    stream: bool,
+    error_code: str | None = None,
+) -> tuple[HoldEnd, Usage]:
+    """Settle once: the provider's usage if complete, else an estimate from ``delivered`` (flagged)."""
+    usage, estimated = _billable_usage(ctx, reported, delivered, finished)
+    status = "ok" if finished else "partial"
+    ended, _, _ = _settle(m, ctx, usage, estimated or not finished, status, stream, error_code)
+    return ended, usage
+
+
+def release_call(m: Metering, ctx: MeteredCall, error: BrokerError) -> None:
+    """The provider failed before delivering anything: the whole hold comes back."""
+    _release(m, ctx, error)
+
+
+def money_headers(ended: HoldEnd, request_id: str) -> dict[str, str]:
+    return _money_headers(ended.charged, ended.balance, request_id)
 
 
 def _adapter_check(
