@@ -152,6 +152,9 @@ class SpeechRequest(BaseModel):
     voice_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     output_format: str = "mp3_44100_128"
     voice_settings: dict[str, float | bool] | None = None
+    # OpenAI speech models (instructions: gpt-4o-mini-tts only); ElevenLabs takes speed 0.7-1.2.
+    speed: float | None = Field(default=None, ge=0.25, le=4.0)
+    instructions: str | None = Field(default=None, max_length=4096)
 
 
 class ImageRequest(BaseModel):
@@ -164,6 +167,7 @@ class ImageRequest(BaseModel):
     size: Literal["1024x1024", "1536x1024", "1024x1536", "auto"] = "1024x1024"
     quality: Literal["low", "medium", "high", "auto"] = "auto"
     n: int = Field(default=1, ge=1, le=10)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
 
 
 class MusicRequest(BaseModel):
@@ -241,6 +245,57 @@ class ResponsesRequest(BaseModel):
     moderation: Any = None
     image: Any = None
     access_programs: Any = None
+
+
+class CustomVoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class OpenAISpeechRequest(BaseModel):
+    """``POST /v1/audio/speech``: OpenAI's speech request (OpenAI speech models and ElevenLabs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    input: str = Field(min_length=1, max_length=40_000)
+    voice: str | CustomVoice = Field(
+        description="An OpenAI voice name (alloy, ash, ballad, coral, echo, fable, onyx, nova, sage, shimmer, verse, "
+        "marin, cedar), a custom voice object, or for ElevenLabs models an ElevenLabs voice id"
+    )
+    instructions: str | None = Field(default=None, max_length=4096)
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    speed: float = Field(default=1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio"] = "audio"
+
+    @property
+    def voice_name(self) -> str:
+        return self.voice if isinstance(self.voice, str) else self.voice.id
+
+
+class OpenAIImageRequest(BaseModel):
+    """``POST /v1/images/generations``: OpenAI's image request; ``url`` results are signed, expiring links."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(default="openai/gpt-image-1", min_length=1, max_length=200)
+    prompt: str = Field(min_length=1, max_length=32_000)
+    n: int = Field(default=1, ge=1, le=10)
+    size: Literal["1024x1024", "1536x1024", "1024x1536", "auto"] = "auto"
+    quality: Literal["low", "medium", "high", "auto"] = "auto"
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    user: str | None = Field(default=None, max_length=256)
+
+
+class SignedLinkQuery(BaseModel):
+    """Query of a signed result link (``GET /v1/media/{job_id}/{index}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    expires: int = Field(description="Unix time the link stops working")
+    signature: str = Field(max_length=128, description="HMAC-SHA256 of the link")
 
 
 # -- query strings -------------------------------------------------------------------
@@ -499,6 +554,21 @@ class JobOut(BaseModel):
     results: list[JobResultOut]
 
 
+class ImageOut(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    """OpenAI's image generation response."""
+
+    created: int
+    data: list[ImageOut]
+    output_format: str | None = None
+    size: str | None = None
+    quality: str | None = None
+
+
 class JobList(BaseModel):
     object: Literal["list"]
     data: list[JobOut]
@@ -703,6 +773,18 @@ EXAMPLES: dict[type[BaseModel], dict] = {
     },
     JobOut: _JOB,
     JobList: {"object": "list", "data": [_JOB], "has_more": False, "next_cursor": None},
+    ImagesResponse: {
+        "created": 1767268800,
+        "data": [
+            {
+                "url": "https://broker.example.com/v1/media/job_7d1e9a2b4c6f8e0a1b3c5d7e/0"
+                "?expires=1767272400&signature=3f1c…"
+            }
+        ],
+        "output_format": "png",
+        "size": "1024x1024",
+        "quality": "medium",
+    },
     CheckoutSession: {
         "id": "cs_test_a1b2c3d4e5",
         "object": "checkout.session",
