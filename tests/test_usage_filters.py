@@ -20,6 +20,7 @@ from sqlalchemy import event, select
 
 from broker import accounts, keys, usage
 from broker.models import UsageDaily, UsageRecord
+from tests.conftest import DB_BACKENDS
 from tests.test_dashboard import member  # noqa: F401  (a logged-in account: fixture)
 
 MODELS = ("demo/chat", "openai/gpt-4o-mini", "anthropic/claude-haiku")
@@ -175,6 +176,7 @@ def _id(client, record: dict) -> int:
     return session.scalar(select(UsageRecord.id).where(UsageRecord.request_id == record["request_id"]))
 
 
+@pytest.mark.parametrize("db_backend", DB_BACKENDS, indirect=True)
 def test_v1_usage_filters_and_pages_both_ways(client, filled):
     tenant, key_ids, rows, now = filled
     since = (now - timedelta(days=20)).isoformat()
@@ -225,6 +227,7 @@ def test_the_csv_holds_every_request_of_the_period_past_10000(app, client, membe
     assert len(_csv(client, "days=7&model=demo/chat")) == 6173
 
 
+@pytest.mark.parametrize("db_backend", DB_BACKENDS, indirect=True)
 def test_rollups_by_key_and_endpoint_match_the_records_to_the_microcredit(app, client, member):  # noqa: F811
     tenant, _ = member
     key_ids = [tenant.key_id, second_key(app, tenant)]
@@ -255,7 +258,8 @@ def test_rollups_by_key_and_endpoint_match_the_records_to_the_microcredit(app, c
     assert len(records) == 3003
     want = defaultdict(lambda: [0, 0, None, None])
     for record_id, started, model, key_id, endpoint, charged in records:
-        bucket = want[(started.date(), model, key_id or 0, endpoint)]
+        day = (started.astimezone(UTC) if started.tzinfo else started).date()  # the UTC day
+        bucket = want[(day, model, key_id or 0, endpoint)]
         bucket[0] += 1
         bucket[1] += charged
         bucket[2] = min(bucket[2] or record_id, record_id)
