@@ -158,6 +158,12 @@ def load(overrides: dict | None = None) -> dict:
         "STUCK_JOB_CHECK_SECONDS": int(env("STUCK_JOB_CHECK_SECONDS", "15")),
         "MUSIC_POLL_SECONDS": float(env("MUSIC_POLL_SECONDS", "5")),
         "MUSIC_MAX_WAIT_SECONDS": int(env("MUSIC_MAX_WAIT_SECONDS", "600")),
+        # The longest a request waits for its media job (Prefer: wait, /v1/audio/speech, /v1/images/generations).
+        "SYNC_WAIT_MAX_SECONDS": int(env("SYNC_WAIT_MAX_SECONDS", "180")),
+        # Requests of one account waiting for jobs at once; one more is a 429 before anything is held.
+        "SYNC_WAITS_PER_ACCOUNT": int(env("SYNC_WAITS_PER_ACCOUNT", "10")),
+        # How long a signed link to a job's result (images' response_format=url) works without the key.
+        "MEDIA_URL_TTL_SECONDS": int(env("MEDIA_URL_TTL_SECONDS", "3600")),
         "STRIPE_API_BASE": env("STRIPE_API_BASE", "https://api.stripe.com"),
         "STRIPE_SECRET_KEY": env("STRIPE_SECRET_KEY", ""),
         "STRIPE_WEBHOOK_SECRET": env("STRIPE_WEBHOOK_SECRET", ""),

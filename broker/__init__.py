@@ -51,6 +51,7 @@ def register_blueprints(app: Flask) -> None:
     from broker.api import bp as api_bp
     from broker.api.errors import register_error_handlers
     from broker.api.onboarding import bp as onboarding_bp
+    from broker.api.openai_media import links as links_bp
     from broker.extensions import csrf, limiter
     from broker.web import bp as public_bp
     from broker.web.auth import bp as auth_bp
@@ -59,12 +60,12 @@ def register_blueprints(app: Flask) -> None:
     from broker.web.webhooks import bp as webhooks_bp
 
     # The API authenticates by key and webhooks by signature, not by cookie: no CSRF there.
-    for blueprint in (api_bp, onboarding_bp, webhooks_bp):
+    for blueprint in (api_bp, onboarding_bp, webhooks_bp, links_bp):
         csrf.exempt(blueprint)
     # Per-key API limits are the ledger's and the hardening issue's; register has its own.
     limiter.exempt(api_bp)
     limiter.exempt(webhooks_bp)
-    for blueprint in (api_bp, onboarding_bp, webhooks_bp, public_bp, docs_bp, auth_bp, dashboard_bp):
+    for blueprint in (api_bp, onboarding_bp, links_bp, webhooks_bp, public_bp, docs_bp, auth_bp, dashboard_bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
 

@@ -45,6 +45,8 @@ EXAMPLES: dict[str, dict] = {
     "ImageRequest": {"model": "{image}", "prompt": "a lighthouse at dawn", "size": "1024x1024", "quality": "low"},
     "MusicRequest": {"model": "{music}", "prompt": "a calm piano piece", "instrumental": True},
     "Message": {"role": "user", "content": "Hello"},
+    "EmbeddingRequest": {"model": "{embedding}", "input": "The quick brown fox jumped over the lazy dog"},
+    "ResponsesRequest": {"model": "{responses}", "input": "Hello", "max_output_tokens": 200},
     "CheckoutRequest": {"pack": "usd20"},
     "RegisterRequest": {"email": "you@example.com"},
 }
@@ -842,11 +844,14 @@ def default_models(enabled: dict[str, list[str]]) -> dict[str, str]:
     """
     fallback = {"chat": "openai/gpt-4o-mini", "tts": "elevenlabs/eleven_flash_v2_5", "image": "openai/gpt-image-1"}
     fallback["music"] = "suno/V4_5ALL"
+    fallback["embedding"] = "openai/text-embedding-3-small"
     models = {}
     for kind, default in fallback.items():
         ids = enabled.get(kind, [])
         demo = [i for i in ids if i.startswith("demo/")]
         models[kind] = (demo or ids or [default])[0]
+    # The Responses API is served for OpenAI models only.
+    models["responses"] = next((i for i in enabled.get("chat", []) if i.startswith("openai/")), "openai/gpt-4o-mini")
     provider, _, bare = models["chat"].partition("/")
     models["chat_provider"], models["chat_model"] = provider, bare
     models["voice_id"] = "demo" if models["tts"].startswith("demo/") else "21m00Tcm4TlvDq8ikWAM"

@@ -34,6 +34,7 @@ from broker.providers.gemini import GeminiProvider
 from broker.providers.http import make_session
 from broker.providers.openai import OpenAIProvider
 from broker.providers.openai_images import OpenAIImagesProvider
+from broker.providers.openai_speech import OpenAISpeechProvider
 from broker.providers.suno import SunoProvider
 from broker.storage import make_storage
 
@@ -116,25 +117,31 @@ def build_moderation(config: dict) -> moderation.Check:
     return moderation.combine(checks)
 
 
+# Media adapters by kind: (kind, provider, class, base URL setting, key setting, transport retries).
+# Suno gets no transport retries: the vendor's 429 means "out of credits", and RQ retries the job anyway.
+MEDIA_ADAPTERS = (
+    ("speech", "elevenlabs", ElevenLabsProvider, "ELEVENLABS_BASE_URL", "ELEVENLABS_API_KEY", True),
+    ("speech", "openai", OpenAISpeechProvider, "OPENAI_BASE_URL", "OPENAI_API_KEY", True),
+    ("images", "openai", OpenAIImagesProvider, "OPENAI_BASE_URL", "OPENAI_API_KEY", True),
+    ("music", "suno", SunoProvider, "SUNO_BASE_URL", "SUNO_API_KEY", False),
+)
+
+
 def build_media_providers(config: dict) -> tuple[dict, dict, dict]:
     """Speech, image and music adapters for the providers that have keys, plus demo."""
     timeout = (config["UPSTREAM_CONNECT_TIMEOUT"], config["UPSTREAM_READ_TIMEOUT"])
-    retries = config["UPSTREAM_RETRIES"]
-    speech, images, music = {}, {}, {}
-    if config["ELEVENLABS_API_KEY"]:
-        speech["elevenlabs"] = ElevenLabsProvider(
-            config["ELEVENLABS_BASE_URL"], config["ELEVENLABS_API_KEY"], make_session(retries), timeout
-        )
-    if config["OPENAI_API_KEY"]:
-        images["openai"] = OpenAIImagesProvider(
-            config["OPENAI_BASE_URL"], config["OPENAI_API_KEY"], make_session(retries), timeout
-        )
-    if config["SUNO_API_KEY"]:
-        # No transport retries: the vendor's 429 means "out of credits", and RQ retries the job anyway.
-        music["suno"] = SunoProvider(config["SUNO_BASE_URL"], config["SUNO_API_KEY"], make_session(0), timeout)
+    kinds: dict[str, dict] = {"speech": {}, "images": {}, "music": {}}
+    for kind, name, cls, base, key, retries in MEDIA_ADAPTERS:
+        if config[key]:
+            session = make_session(config["UPSTREAM_RETRIES"] if retries else 0)
+            kinds[kind][name] = cls(config[base], config[key], session, timeout)
     if config["DEMO_PROVIDER"]:
-        speech["demo"], images["demo"], music["demo"] = DemoSpeech(), DemoImages(), DemoMusic()
-    return speech, images, music
+        kinds["speech"]["demo"], kinds["images"]["demo"], kinds["music"]["demo"] = (
+            DemoSpeech(),
+            DemoImages(),
+            DemoMusic(),
+        )
+    return kinds["speech"], kinds["images"], kinds["music"]
 
 
 def build_media(
@@ -159,6 +166,10 @@ def build_media(
         music_poll_seconds=config["MUSIC_POLL_SECONDS"],
         music_max_wait=config["MUSIC_MAX_WAIT_SECONDS"],
         moderate=moderate,
+        wait_max=config["SYNC_WAIT_MAX_SECONDS"],
+        waits_per_account=config["SYNC_WAITS_PER_ACCOUNT"],
+        link_secret=config["SECRET_KEY"],
+        link_ttl=config["MEDIA_URL_TTL_SECONDS"],
     )
 
 

@@ -125,6 +125,17 @@ def finish(
     client.set(key, json.dumps(stored), ex=TTL_SECONDS)
 
 
+def bind_job(client: redis.Redis, key: str, body: bytes, job_id: str) -> None:
+    """Answer retries of this key from a media job instead of a stored response.
+
+    A synchronous media route binds its key as soon as the job (and its hold) exists, so
+    whatever the first answer is — the result, or a 504 while the job still runs — a retry
+    waits for the same job and gets its result; the job is charged once.
+    """
+    stored = {"state": "done", "body": hashlib.sha256(body).hexdigest(), "job_id": job_id}
+    client.set(key, json.dumps(stored), ex=TTL_SECONDS)
+
+
 def abandon(client: redis.Redis, key: str) -> None:
     """The request died with an unhandled error: let a retry run."""
     _free(client, key)

@@ -7,16 +7,24 @@ with the provider's actual usage and marks the job succeeded. The settle is
 idempotent by hold id and every status change is a compare-and-set, so a second run
 of the same job changes nothing. A job whose worker died is finished by the cron
 (``finish_stuck``) once its lease has run out.
+
+A request may wait for its job (``Prefer: wait`` and the synchronous OpenAI-shaped
+routes): ``wait_for`` never makes a blocking Redis read, so no socket timeout can turn
+a running job into an error, and ``wait_slot`` caps how many waits an account holds.
+Results can be fetched without a key through signed, expiring links (``sign_link``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -24,6 +32,7 @@ from decimal import Decimal
 import redis
 from rq import Queue, Retry
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from broker import metrics, pricing
@@ -34,6 +43,8 @@ from broker.errors import (
     InsufficientCredits,
     InvalidRequest,
     NotFound,
+    RateLimited,
+    UpstreamError,
     UpstreamRejected,
     UpstreamTimeout,
 )
@@ -42,7 +53,6 @@ from broker.ledger import Ledger
 from broker.models import Job, JobResult
 from broker.pricing import ModelPrice, PriceTable
 from broker.providers.base import ImageProvider, MediaFile, MusicProvider, SpeechProvider
-from broker.providers.elevenlabs import OUTPUT_FORMATS
 from broker.schemas import ImageRequest, MusicRequest, SpeechRequest
 from broker.storage import Storage
 
@@ -53,6 +63,38 @@ TERMINAL = ("succeeded", "failed", "canceled")
 # Some ElevenLabs library voices bill a multiple of the model's rate; hold for that.
 VOICE_MULTIPLIER_BOUND = 2
 DONE_KEY = "job-done:"
+WAITS_KEY = "job-waits:"
+# A waiting request looks for the worker's done signal at growing intervals (50 ms up to
+# 0.5 s) and reads the job row every WAIT_READ_SECONDS in case a signal was lost.
+WAIT_POLL_FIRST, WAIT_POLL_MAX, WAIT_READ_SECONDS = 0.05, 0.5, 2.0
+REJECTED_CODES = ("upstream_rejected", "content_policy_violation", "generation_failed", "invalid_request")
+
+
+class JobStillRunning(BrokerError):
+    """A synchronous route waited its longest for a job that has not ended.
+
+    The job goes on: it is charged when it succeeds (its hold released if it fails).
+    A retry with the same ``Idempotency-Key`` waits for the same job and returns its result.
+    """
+
+    status = 504
+    type = "timeout_error"
+    code = "job_still_running"
+
+    def __init__(self, job_id: str, waited: int, retryable: bool) -> None:
+        super().__init__(
+            f"Job {job_id} did not finish within {waited} s. It goes on running and is charged when it "
+            "finishes (its hold is released if it fails). Retry this request with the same Idempotency-Key, "
+            f"or GET /v1/jobs/{job_id}, for the result.",
+            # Stainless SDKs obey x-should-retry: a retry without a key would start (and pay for) a second job.
+            headers={"x-should-retry": "true" if retryable else "false", "Retry-After": "1"},
+        )
+        self.job_id = job_id
+
+    def body(self) -> dict:
+        body = super().body()
+        body["error"]["job_id"] = self.job_id
+        return body
 
 
 @dataclass
@@ -76,6 +118,10 @@ class MediaContext:
     music_poll_seconds: float
     music_max_wait: int
     moderate: Callable[[str, str], None] = lambda text, what: None
+    wait_max: int = 180  # SYNC_WAIT_MAX_SECONDS
+    waits_per_account: int = 10  # SYNC_WAITS_PER_ACCOUNT
+    link_secret: str = ""  # SECRET_KEY: signs result links
+    link_ttl: int = 3600  # MEDIA_URL_TTL_SECONDS
 
     def charge(self, cost_usd: Decimal) -> int:
         return pricing.charge_ucr(cost_usd, self.markup, self.credit_usd)
@@ -85,7 +131,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _utc(moment: datetime | None) -> datetime | None:
+def as_utc(moment: datetime | None) -> datetime | None:
     if moment is None or moment.tzinfo:
         return moment
     return moment.replace(tzinfo=UTC)
@@ -103,17 +149,31 @@ def _resolve(ctx: MediaContext, job_type: str, model: str) -> ModelPrice:
 
 
 def _speech_bound_usd(ctx: MediaContext, price: ModelPrice, req: SpeechRequest) -> Decimal:
-    if req.output_format not in OUTPUT_FORMATS:
-        raise InvalidRequest(
-            f"Unknown output_format '{req.output_format}'. One of: {', '.join(OUTPUT_FORMATS)}.",
-            param="output_format",
-        )
+    ctx.speech[price.provider].validate(
+        price.upstream_model, req.output_format, req.voice_settings, req.speed, req.instructions
+    )
     if len(req.text) > price.max_chars:
         raise InvalidRequest(f"text is longer than {price.max_chars} characters for {price.id}.", param="text")
     units = math.ceil(len(req.text) * price.units_per_char * VOICE_MULTIPLIER_BOUND)
     by_table = pricing.speech_cost_usd(price, len(req.text), None, None) * VOICE_MULTIPLIER_BOUND
     by_units = pricing.speech_cost_usd(price, len(req.text), units, _unit_usd(ctx, price))
     return max(by_table, by_units)
+
+
+def speech_from_openai(
+    ctx: MediaContext, model: str, text: str, voice: str, response_format: str, speed: float, instructions: str | None
+) -> SpeechRequest:
+    """OpenAI's speech request as a speech job's: the model's adapter maps the voice name and format."""
+    price = _resolve(ctx, "tts", model)
+    voice_id, output_format = ctx.speech[price.provider].from_openai(voice, response_format)
+    return SpeechRequest(
+        model=price.id,
+        text=text,
+        voice_id=voice_id,
+        output_format=output_format,
+        speed=None if speed == 1 else speed,
+        instructions=instructions,
+    )
 
 
 def _image_bound_usd(price: ModelPrice, req: ImageRequest) -> Decimal:
@@ -218,9 +278,9 @@ def job_json(job: Job, results: list[JobResult], url_for_content) -> dict:
         "type": job.type,
         "model": job.model,
         "status": job.status,
-        "created_at": _utc(job.created_at).isoformat(),
-        "started_at": _utc(job.started_at).isoformat() if job.started_at else None,
-        "finished_at": _utc(job.finished_at).isoformat() if job.finished_at else None,
+        "created_at": as_utc(job.created_at).isoformat(),
+        "started_at": as_utc(job.started_at).isoformat() if job.started_at else None,
+        "finished_at": as_utc(job.finished_at).isoformat() if job.finished_at else None,
         "progress": job.progress,
         "hold_credits": pricing.format_credits(job.hold_ucr),
         "cost_credits": pricing.format_credits(job.cost_ucr) if job.cost_ucr is not None else None,
@@ -261,10 +321,117 @@ def list_jobs(
     return rows[:limit], len(rows) > limit
 
 
-def wait_for(ctx: MediaContext, job_id: str, seconds: int) -> None:
-    """Block until the worker signals the job's end, or ``seconds`` pass (one BLPOP)."""
-    if seconds > 0:
-        ctx.redis.blpop([DONE_KEY + job_id], timeout=seconds)
+def wait_for(ctx: MediaContext, session: Session, job: Job, seconds: float) -> Job:
+    """Wait up to ``seconds`` for ``job`` to end; returns it as last read, ended or not.
+
+    No blocking Redis read (a client's socket timeout would cut it short): short,
+    non-destructive looks at the worker's done signal, so any number of requests can
+    wait for one job, at growing intervals, plus a read of the job row every
+    ``WAIT_READ_SECONDS``; each read ends its transaction, so no connection is held
+    between looks. ``time.sleep`` yields under gevent. A Redis or database error ends
+    the wait early: the caller answers with the job as it stands, never "nothing was charged".
+    """
+    deadline = time.monotonic() + seconds
+    pause, next_read = WAIT_POLL_FIRST, 0.0
+    while True:
+        now = time.monotonic()
+        try:
+            if now >= next_read or ctx.redis.exists(DONE_KEY + job.id):
+                session.refresh(job)
+                session.commit()
+                next_read = now + WAIT_READ_SECONDS
+                if job.status in TERMINAL:
+                    return job
+        except (redis.RedisError, SQLAlchemyError) as error:
+            log.warning("wait for job ended early", extra={"job_id": job.id, "error": type(error).__name__})
+            rollback_quietly(session)
+            return job
+        if now >= deadline:
+            return job
+        time.sleep(min(pause, max(deadline - now, 0)))
+        pause = min(pause * 1.5, WAIT_POLL_MAX)
+
+
+def rollback_quietly(session: Session) -> None:
+    try:
+        session.rollback()
+    except SQLAlchemyError:
+        pass  # the connection is gone; the session starts afresh on next use
+
+
+@contextmanager
+def wait_slot(ctx: MediaContext, account_id: int, request_id: str) -> Iterator[None]:
+    """One of the account's ``waits_per_account`` concurrent waits, or a 429 before anything is held.
+
+    The slots are a sorted set scored by when each wait must have ended, so a process
+    that died mid-wait frees its slot by itself.
+    """
+    key = f"{WAITS_KEY}{{acct:{account_id}}}"
+    now = time.time()
+    pipe = ctx.redis.pipeline(transaction=True)
+    pipe.zremrangebyscore(key, "-inf", now)
+    pipe.zadd(key, {request_id: now + ctx.wait_max + 30})
+    pipe.expire(key, ctx.wait_max + 30)
+    pipe.zcard(key)
+    *_, waiting = pipe.execute()
+    if waiting > ctx.waits_per_account:
+        ctx.redis.zrem(key, request_id)
+        raise RateLimited(
+            f"This account already has {ctx.waits_per_account} requests waiting for media jobs, the most it can; "
+            "nothing was charged. Retry shortly, or submit to /v1/tts, /v1/image or /v1/music without "
+            "Prefer: wait and poll the job.",
+            code="too_many_waits",
+            headers={"Retry-After": "1"},
+        )
+    try:
+        yield
+    finally:
+        try:
+            ctx.redis.zrem(key, request_id)
+        except redis.RedisError:
+            pass  # the slot's score frees it when the wait would have ended
+
+
+def job_error(job: Job) -> BrokerError:
+    """The error a synchronous route answers for a job that ended without a result (nothing was charged)."""
+    if job.status == "canceled":
+        return Conflict(f"Job {job.id} was canceled; nothing was charged.", code="job_canceled")
+    message = f"Job {job.id} failed: {job.error_message or 'no reason given'} Nothing was charged."
+    if job.error_type in REJECTED_CODES:
+        return UpstreamRejected(message, code=job.error_type)
+    return UpstreamError(message, code=job.error_type or "upstream_error")
+
+
+def read_result(ctx: MediaContext, result: JobResult) -> bytes:
+    return b"".join(ctx.storage.stream(result.storage_key))
+
+
+# -- signed links to results -------------------------------------------------------
+
+
+def _link_signature(secret: str, job_id: str, index: int, expires: int) -> str:
+    message = f"media-link\0{job_id}\0{index}\0{expires}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def sign_link(ctx: MediaContext, job_id: str, index: int) -> tuple[int, str]:
+    """(expires, signature) of a link to result ``index`` of the job, valid for ``link_ttl`` seconds."""
+    expires = int(time.time()) + ctx.link_ttl
+    return expires, _link_signature(ctx.link_secret, job_id, index, expires)
+
+
+def linked_result(ctx: MediaContext, session: Session, job_id: str, index: int, expires: int, signature: str):
+    """The result a signed link names; 403 when the signature is wrong or the link expired, 404 when gone."""
+    expected = _link_signature(ctx.link_secret, job_id, index, expires)
+    if not hmac.compare_digest(expected, signature):
+        raise Forbidden("This link's signature is not valid.", code="invalid_signature", param="signature")
+    if expires < time.time():
+        raise Forbidden("This link has expired; fetch the job again for a new one.", code="link_expired")
+    job = session.get(Job, job_id)
+    result = next((r for r in results_of(session, job_id) if r.index == index), None)
+    if job is None or result is None or job.media_expired:
+        raise NotFound(f"Job '{job_id}' has no result {index}.", param="index")
+    return result
 
 
 def cancel(ctx: MediaContext, session: Session, account_id: int, job_id: str) -> Job:
@@ -377,7 +544,13 @@ def _generate(
 ) -> tuple[list[MediaFile], Decimal, dict]:
     if job.type == "tts":
         result = ctx.speech[price.provider].synthesize(
-            price.upstream_model, params["text"], params["voice_id"], params["output_format"], params["voice_settings"]
+            price.upstream_model,
+            params["text"],
+            params["voice_id"],
+            params["output_format"],
+            params["voice_settings"],
+            speed=params.get("speed"),
+            instructions=params.get("instructions"),
         )
         characters = len(params["text"])
         cost = pricing.speech_cost_usd(price, characters, result.billed_units, _unit_usd(ctx, price))
@@ -389,7 +562,12 @@ def _generate(
         return [result.audio], cost, detail
     if job.type == "image":
         result = ctx.images[price.provider].generate(
-            price.upstream_model, params["prompt"], params["size"], params["quality"], params["n"]
+            price.upstream_model,
+            params["prompt"],
+            params["size"],
+            params["quality"],
+            params["n"],
+            output_format=params.get("output_format", "png"),
         )
         if result.usage is None:
             cost = _image_bound_usd(price, ImageRequest(model=price.id, **params))
@@ -451,7 +629,7 @@ def _receipt(ctx: MediaContext, job: Job, price: ModelPrice, status: str, cost: 
         "hold_ucr": job.hold_ucr,
         "estimated": bool(detail.get("estimated")),
         "detail": json.dumps({"job_id": job.id, **detail}),
-        "started_at": (_utc(job.started_at) or _utc(job.created_at)).isoformat(),
+        "started_at": (as_utc(job.started_at) or as_utc(job.created_at)).isoformat(),
         "finished_at": _now().isoformat(),
     }
 

@@ -26,6 +26,8 @@ ERRORS = {
     "400": "Invalid request: `error.param` names the field.",
     "401": "Missing, malformed, unknown, revoked or expired API key.",
     "402": "Insufficient credits: nothing was called or charged.",
+    "403": "Not allowed: a marketplace caller on a route outside the listing, or a signed link that was altered "
+    "or has expired.",
     "404": "No such model, route or object (another account's objects are not found either).",
     "409": "The object is in a state that does not allow this, or an `Idempotency-Key` was reused with another "
     "body or while its first request still runs.",
@@ -35,7 +37,9 @@ ERRORS = {
     "429": "Rate limited: retry after `Retry-After` seconds.",
     "502": "The provider failed; the hold was released.",
     "503": "The provider, or the broker's own store, is unavailable; nothing was charged.",
-    "504": "The provider timed out; the hold was released.",
+    "504": "The provider timed out; the hold was released. On the synchronous media routes, `job_still_running`: "
+    "the wait ran out, the job named in `error.job_id` goes on and is charged; retry with the same "
+    "`Idempotency-Key` for its result.",
 }
 
 # Headers of every answer, of every answer to an API key, and of a POST (``broker.api``).

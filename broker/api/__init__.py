@@ -73,6 +73,10 @@ def replay_idempotent():
     if stored is None:
         g.idempotency_key = key
         return None
+    if stored.get("job_id"):
+        # A synchronous media route bound the key to its job: the retry waits for it (broker.api.openai_media).
+        g.idempotent_job = stored["job_id"]
+        return None
     response = Response(stored["data"], status=stored["status"], headers=stored["headers"])
     response.headers["Idempotent-Replayed"] = "true"
     return response
@@ -126,4 +130,4 @@ def _validate(model: type[BaseModel], data: dict) -> BaseModel:
         raise InvalidRequest(f"{message}: {param}", param=param, code=first["type"]) from None
 
 
-from broker.api import account, billing, chat, media, models  # noqa: E402,F401  (routes register on bp)
+from broker.api import account, billing, chat, media, models, openai_media  # noqa: E402,F401  (routes register on bp)

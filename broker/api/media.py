@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import redis
 from flask import Response, g, jsonify, request, url_for
+from sqlalchemy.exc import SQLAlchemyError
 
 from broker import media, pricing
 from broker.api import bp, parse, parse_query
@@ -13,8 +15,6 @@ from broker.api.openapi import operation
 from broker.errors import NotFound
 from broker.extensions import services
 from broker.schemas import ContentQuery, ImageRequest, JobList, JobOut, JobsQuery, MusicRequest, SpeechRequest
-
-MAX_WAIT_SECONDS = 30
 
 
 def _content_url(job_id: str, index: int) -> str:
@@ -30,40 +30,56 @@ def _job_response(job, status: int, extra_headers: dict | None = None) -> Respon
 
 
 def _prefer_wait() -> int:
-    """Seconds from ``Prefer: wait=N`` (at most 30), 0 when absent."""
+    """Seconds from ``Prefer: wait=N`` (at most SYNC_WAIT_MAX_SECONDS), 0 when absent."""
     match = re.search(r"\bwait=(\d+)", request.headers.get("Prefer", ""))
-    return min(int(match.group(1)), MAX_WAIT_SECONDS) if match else 0
+    return min(int(match.group(1)), services().media.wait_max) if match else 0
 
 
 def _submit(job_type: str, model) -> Response:
     svc = services()
     req = parse(model)
     session = svc.db()
-    job, balance = media.submit(svc.media, session, g.caller, job_type, req, g.request_id)
-    headers = {
-        "Location": url_for("api.get_job", job_id=job.id),
-        "X-Credits-Held": pricing.format_credits(job.hold_ucr),
-        "X-Credits-Remaining": pricing.format_credits(balance),
-    }
     wait = _prefer_wait()
-    if wait:
-        media.wait_for(svc.media, job.id, wait)
-        session.refresh(job)
+    if not wait:
+        job, balance = media.submit(svc.media, session, g.caller, job_type, req, g.request_id)
+        return _job_response(job, 202, _submitted_headers(job, balance))
+    with media.wait_slot(svc.media, g.caller.account_id, g.request_id):
+        job, balance = media.submit(svc.media, session, g.caller, job_type, req, g.request_id)
+        job = media.wait_for(svc.media, session, job, wait)
+    headers = _submitted_headers(job, balance)
+    try:
         if job.status in media.TERMINAL:
             headers["X-Credits-Remaining"] = pricing.format_credits(svc.ledger.balance(g.caller.account_id))
             if job.cost_ucr is not None:
                 headers["X-Credits-Charged"] = pricing.format_credits(job.cost_ucr)
             headers["Preference-Applied"] = f"wait={wait}"
             return _job_response(job, 200, headers)
-    return _job_response(job, 202, headers)
+        return _job_response(job, 202, headers)
+    except (redis.RedisError, SQLAlchemyError):
+        # The job exists and holds credits: answer with it as last read, never "nothing was charged".
+        media.rollback_quietly(session)
+        response = jsonify(media.job_json(job, [], _content_url))
+        response.status_code = 202
+        response.headers.update(_submitted_headers(job, balance))
+        return response
+
+
+def _submitted_headers(job, balance: int) -> dict:
+    return {
+        "Location": url_for("api.get_job", job_id=job.id),
+        "X-Credits-Held": pricing.format_credits(job.hold_ucr),
+        "X-Credits-Remaining": pricing.format_credits(balance),
+    }
 
 
 def _submit_operation(summary: str, body) -> Callable:
     """The OpenAPI description shared by the three submit routes."""
     return operation(
         summary=summary,
-        description="Answers `202` with the queued job and `Location`; with `Prefer: wait=N` (N ≤ 30) a job "
-        "finished within N seconds comes back as `200`.",
+        description="Answers `202` with the queued job and `Location`; with `Prefer: wait=N` (N up to "
+        "`SYNC_WAIT_MAX_SECONDS`, 180 by default) a job that ends within N seconds comes back as `200`, one still "
+        "running as `202`. An account may hold `SYNC_WAITS_PER_ACCOUNT` (10) such waits at once; one more is a `429` "
+        "before anything is held.",
         tag="Media",
         body=body,
         response=JobOut,

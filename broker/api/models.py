@@ -1,7 +1,7 @@
 """``GET /v1/models`` and ``GET /v1/models/{id}`` in OpenAI's shape, with each model's prices in credits.
 
-The list holds chat models unless ``kind`` asks for media (``tts``, ``image``, ``music``) or
-``all``. Model ids carry a slash (``openai/gpt-4o-mini``), so the retrieve route takes a path,
+The list holds chat models unless ``kind`` asks for embeddings (``embedding``), media (``tts``,
+``image``, ``music``) or ``all``. Model ids carry a slash (``openai/gpt-4o-mini``), so the retrieve route takes a path,
 as the SDK's ``models.retrieve("openai/gpt-4o-mini")`` sends it. ``created`` is the Unix time
 of the row's ``effective_from`` date in the price table (when its price was last checked).
 """
@@ -28,11 +28,17 @@ class ModelsQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["chat", "tts", "image", "music", "all"] = "chat"
+    kind: Literal["chat", "embedding", "tts", "image", "music", "all"] = "chat"
 
 
 def _serves(svc: Services, price: ModelPrice) -> bool:
-    by_kind = {"chat": svc.providers, "tts": svc.media.speech, "image": svc.media.images, "music": svc.media.music}
+    by_kind = {
+        "chat": svc.providers,
+        "embedding": {name for name, provider in svc.providers.items() if hasattr(provider, "embed")},
+        "tts": svc.media.speech,
+        "image": svc.media.images,
+        "music": svc.media.music,
+    }
     return price.provider in by_kind[price.kind]
 
 
@@ -57,7 +63,7 @@ def _model_json(svc: Services, price: ModelPrice) -> dict:
 @bp.get("/models")
 @operation(
     summary="Models you can call, with prices in credits",
-    description="Chat models by default; `kind` lists one media kind (`tts`, `image`, `music`) or `all`.",
+    description="Chat models by default; `kind` lists another kind (`embedding`, `tts`, `image`, `music`) or `all`.",
     tag="Account",
     query=ModelsQuery,
     response=ModelList,

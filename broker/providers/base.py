@@ -251,17 +251,37 @@ class MusicTask:
 
 
 class SpeechProvider(Protocol):
+    """``output_formats``: what ``output_format`` may be. ``validate`` refuses (``InvalidRequest``),
+    before anything is held, what the provider would; ``from_openai`` maps OpenAI's voice name and
+    ``response_format`` (``POST /v1/audio/speech``) to this provider's voice id and output format."""
+
     name: str
+    output_formats: tuple[str, ...]
+
+    def from_openai(self, voice: str, response_format: str) -> tuple[str, str]: ...
+
+    def validate(
+        self, model: str, output_format: str, voice_settings: dict | None, speed: float | None, instructions: str | None
+    ) -> None: ...
 
     def synthesize(
-        self, model: str, text: str, voice_id: str, output_format: str, voice_settings: dict | None
+        self,
+        model: str,
+        text: str,
+        voice_id: str,
+        output_format: str,
+        voice_settings: dict | None,
+        speed: float | None = None,
+        instructions: str | None = None,
     ) -> SpeechResult: ...
 
 
 class ImageProvider(Protocol):
     name: str
 
-    def generate(self, model: str, prompt: str, size: str, quality: str, n: int) -> ImageResult: ...
+    def generate(
+        self, model: str, prompt: str, size: str, quality: str, n: int, output_format: str = "png"
+    ) -> ImageResult: ...
 
 
 class MusicProvider(Protocol):

@@ -34,6 +34,8 @@ from broker.providers.base import (
     Usage,
     UsageReport,
 )
+from broker.providers.elevenlabs import OUTPUT_FORMATS as ELEVENLABS_FORMATS
+from broker.providers.openai_speech import OUTPUT_FORMATS as OPENAI_FORMATS
 
 LABEL = "[demo provider — not a real model] "
 SNIPPET_WORDS = 8
@@ -123,9 +125,24 @@ class DemoSpeech:
     """
 
     name = "demo"
+    output_formats = (*ELEVENLABS_FORMATS, *OPENAI_FORMATS)  # whichever is asked, the demo answers WAV
+
+    def from_openai(self, voice: str, response_format: str) -> tuple[str, str]:
+        return voice, response_format
+
+    def validate(self, model: str, output_format: str, voice_settings, speed, instructions) -> None:
+        if output_format not in self.output_formats:
+            raise InvalidRequest(f"Unknown output_format '{output_format}'.", param="output_format")
 
     def synthesize(
-        self, model: str, text: str, voice_id: str, output_format: str, voice_settings: dict | None
+        self,
+        model: str,
+        text: str,
+        voice_id: str,
+        output_format: str,
+        voice_settings: dict | None,
+        speed: float | None = None,
+        instructions: str | None = None,
     ) -> SpeechResult:
         seconds = min(MAX_SECONDS, 0.25 + 0.05 * len(text))
         digest = _digest(model, voice_id, text)
@@ -142,7 +159,9 @@ class DemoImages:
 
     name = "demo"
 
-    def generate(self, model: str, prompt: str, size: str, quality: str, n: int) -> ImageResult:
+    def generate(
+        self, model: str, prompt: str, size: str, quality: str, n: int, output_format: str = "png"
+    ) -> ImageResult:
         digest = _digest(model, prompt)
         base = bytes.fromhex(digest[:6])
         images = [MediaFile("image/png", png_solid(IMAGE_SIDE, IMAGE_SIDE, _shade(base, i))) for i in range(n)]

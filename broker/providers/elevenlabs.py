@@ -48,6 +48,29 @@ _CONTENT_TYPES = {
     "opus": "audio/ogg",
 }
 MAX_AUDIO_BYTES = 64 * 1024 * 1024
+
+# ``POST /v1/audio/speech`` (OpenAI's shape) with an ElevenLabs model: OpenAI's voice names
+# map to ElevenLabs premade voices of a similar character (any other voice is taken as an
+# ElevenLabs voice id), and its ``response_format`` to an ``output_format``. ElevenLabs has
+# no AAC, FLAC or WAV output: those formats are a 400.
+OPENAI_VOICES = {
+    "alloy": "EXAVITQu4vr4xnSDxMaL",  # Sarah
+    "ash": "nPczCjzI2devNBz1zQrb",  # Brian
+    "ballad": "N2lVS1w4EtoT3dr4eOWO",  # Callum
+    "coral": "FGY2WhTYpPnrIDTdsKH5",  # Laura
+    "echo": "TX3LPaxmHKxFdv7VOQHJ",  # Liam
+    "fable": "JBFqnCBsd6RMkjVDRZzb",  # George
+    "onyx": "onwK4e9ZLuTAKqWW03F9",  # Daniel
+    "nova": "cgSgspJ2msm6clMCkdW9",  # Jessica
+    "sage": "Xb7hH8MSUJpSbSDYk0k2",  # Alice
+    "shimmer": "pFZP5JQG7iQjIQuC4Bku",  # Lily
+    "verse": "cjVigY5qzO86Huf0OWal",  # Eric
+    "marin": "XrExE9yKIg1WjnnlVkGX",  # Matilda
+    "cedar": "pqHfZKP75CvOlQylNhV4",  # Bill
+}
+OPENAI_FORMATS = {"mp3": "mp3_44100_128", "opus": "opus_48000_64", "pcm": "pcm_24000"}
+# ElevenLabs' ``voice_settings.speed`` range.
+MIN_SPEED, MAX_SPEED = 0.7, 1.2
 QUOTA_MESSAGE = "elevenlabs refused the broker's account (quota exceeded)"
 
 
@@ -58,6 +81,7 @@ def content_type_for(output_format: str) -> str:
 
 class ElevenLabsProvider:
     name = "elevenlabs"
+    output_formats = OUTPUT_FORMATS
 
     def __init__(
         self,
@@ -71,19 +95,58 @@ class ElevenLabsProvider:
         self._session = session
         self._timeout = timeout
 
+    def from_openai(self, voice: str, response_format: str) -> tuple[str, str]:
+        """OpenAI's voice name and ``response_format`` as an ElevenLabs voice id and ``output_format``."""
+        if response_format not in OPENAI_FORMATS:
+            raise InvalidRequest(
+                f"response_format '{response_format}' is not available for ElevenLabs models; "
+                f"use one of: {', '.join(OPENAI_FORMATS)}.",
+                param="response_format",
+            )
+        return OPENAI_VOICES.get(voice, voice), OPENAI_FORMATS[response_format]
+
+    def validate(
+        self,
+        model: str,
+        output_format: str,
+        voice_settings: dict | None,
+        speed: float | None,
+        instructions: str | None,
+    ) -> None:
+        """What ElevenLabs would refuse, refused before anything is held."""
+        if output_format not in OUTPUT_FORMATS:
+            raise InvalidRequest(
+                f"Unknown output_format '{output_format}'. One of: {', '.join(OUTPUT_FORMATS)}.",
+                param="output_format",
+            )
+        if speed is not None and not MIN_SPEED <= speed <= MAX_SPEED:
+            raise InvalidRequest(
+                f"speed must be between {MIN_SPEED} and {MAX_SPEED} for ElevenLabs models.", param="speed"
+            )
+        if instructions is not None:
+            raise InvalidRequest("instructions is not supported by ElevenLabs models.", param="instructions")
+
     def synthesize(
-        self, model: str, text: str, voice_id: str, output_format: str, voice_settings: dict | None
+        self,
+        model: str,
+        text: str,
+        voice_id: str,
+        output_format: str,
+        voice_settings: dict | None,
+        speed: float | None = None,
+        instructions: str | None = None,
     ) -> SpeechResult:
         """One non-streamed conversion; ``billed_units`` is None when the header is missing.
 
         The content type is the response's own when it names audio, else the one
-        ``output_format`` implies.
+        ``output_format`` implies. ``speed`` goes in ``voice_settings``.
         """
-        if output_format not in OUTPUT_FORMATS:
-            raise InvalidRequest(f"unsupported output_format {output_format!r}", param="output_format")
+        self.validate(model, output_format, voice_settings, speed, instructions)
         if not voice_id:
             raise InvalidRequest("a voice id is required", param="voice_id")
         body: dict = {"text": text, "model_id": model}
+        if speed is not None:
+            voice_settings = {**(voice_settings or {}), "speed": speed}
         if voice_settings is not None:
             body["voice_settings"] = voice_settings
         response = c.send(

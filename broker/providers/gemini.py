@@ -120,6 +120,30 @@ class GeminiProvider:
             lambda events: _translate(events, call.n),
         )
 
+    def embed(
+        self, model: str, inputs: list, dimensions: int | None, encoding_format: str, user: str | None
+    ) -> tuple[list, int | None]:
+        """``batchEmbedContents``: one request per input, vectors (float lists) in input order. The
+        response reports no usage; a ``usageMetadata.promptTokenCount`` is used if one ever comes.
+        ``encoding_format`` and ``user`` are the broker's business: Gemini has neither."""
+        name = "models/" + model.removeprefix("models/")
+        requests_ = []
+        for text in inputs:
+            request: dict = {"model": name, "content": {"parts": [{"text": text}]}}
+            if dimensions is not None:
+                request["outputDimensionality"] = dimensions
+            requests_.append(request)
+        response = self._post(model, ":batchEmbedContents", {"requests": requests_}, stream=False)
+        data = c.read_json(self.name, response)
+        vectors = [c.as_dict(item).get("values") for item in data.get("embeddings") or []]
+        if len(vectors) != len(inputs) or not all(
+            isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            for v in vectors
+        ):
+            raise UpstreamError("gemini sent embeddings that do not match the inputs")
+        tokens = c.as_dict(data.get("usageMetadata")).get("promptTokenCount")
+        return vectors, tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None
+
     def _post(self, model: str, method: str, body: dict, *, stream: bool) -> requests.Response:
         model = quote(model.removeprefix("models/"), safe="-._~")
         return c.post(

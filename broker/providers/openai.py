@@ -9,10 +9,11 @@ index, id, name and argument fragments.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import requests
 
-from broker.errors import UpstreamStreamBroken
+from broker.errors import UpstreamError, UpstreamStreamBroken
 from broker.providers import _common as c
 from broker.providers.base import (
     ChatCall,
@@ -75,7 +76,8 @@ class OpenAIProvider:
         session: requests.Session,
         timeout: tuple[float, float],
     ) -> None:
-        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._base = base_url.rstrip("/")
+        self._url = self._base + "/chat/completions"
         self._api_key = api_key
         self._session = session
         self._timeout = timeout
@@ -96,11 +98,58 @@ class OpenAIProvider:
         body = _body(call, stream=True)
         return c.run_stream(self.name, lambda: self._post(body, stream=True), _translate)
 
-    def _post(self, body: dict, *, stream: bool) -> requests.Response:
+    # -- embeddings and the Responses API (broker.embeddings, broker.responses) -------------
+
+    def embed(
+        self, model: str, inputs: list, dimensions: int | None, encoding_format: str, user: str | None
+    ) -> tuple[list, int | None]:
+        """``POST /embeddings``: the vectors (float lists, or base64 strings as OpenAI sent them) in
+        input order, and the reported ``usage.prompt_tokens`` (None when missing)."""
+        body: dict = {"model": model, "input": inputs, "encoding_format": encoding_format}
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        if user is not None:
+            body["user"] = user
+        data = c.read_json(self.name, self._post(body, stream=False, path="/embeddings"))
+        items = sorted(map(c.as_dict, data.get("data") or []), key=lambda item: c.as_int(item.get("index")))
+        vectors = [item.get("embedding") for item in items]
+        if len(vectors) != len(inputs) or not all(isinstance(v, (list, str)) for v in vectors):
+            raise UpstreamError("openai sent embeddings that do not match the inputs")
+        usage = data.get("usage")
+        tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        return vectors, tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None
+
+    def respond(self, body: dict) -> dict:
+        """``POST /responses`` (not streamed): OpenAI's response object."""
+        return c.read_json(self.name, self._post(body, stream=False, path="/responses"))
+
+    def respond_stream(self, body: dict) -> Iterator[tuple[str, str, dict]]:
+        """``POST /responses`` with ``stream: true``: (event name, raw data, parsed data) per event, up to
+        the terminal one; failures as in ``stream`` (a stream that stops before it is ``UpstreamStreamBroken``)."""
+        return c.run_stream(self.name, lambda: self._post(body, stream=True, path="/responses"), _response_events)
+
+    def retrieve_response(self, response_id: str) -> dict:
+        """``GET /responses/{id}``: a stored response."""
+        response = c.send(
+            self.name,
+            self._session,
+            "GET",
+            f"{self._base}/responses/{quote(response_id, safe='')}",
+            headers={"Authorization": f"Bearer {self._api_key}"},
+            timeout=self._timeout,
+        )
+        if response.status_code >= 300:
+            try:
+                raise c.status_error(self.name, response, self._api_key)
+            finally:
+                response.close()
+        return c.read_json(self.name, response)
+
+    def _post(self, body: dict, *, stream: bool, path: str | None = None) -> requests.Response:
         return c.post(
             self.name,
             self._session,
-            self._url,
+            self._base + path if path else self._url,
             headers={"Authorization": f"Bearer {self._api_key}"},
             body=body,
             timeout=self._timeout,
@@ -235,3 +284,21 @@ def _chunk_events(chunk: dict) -> Iterator[StreamEvent]:
             yield Finish(index, reason)
     if isinstance(chunk.get("usage"), dict):
         yield UsageReport(usage_from(chunk["usage"]))
+
+
+RESPONSE_TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
+
+
+def _response_events(events: Iterator[c.SSEEvent]) -> Iterator[tuple[str, str, dict]]:
+    """The Responses API's named events as (name, raw data, parsed data), ending with the terminal
+    one (there is no ``[DONE]``); an ``error`` event, or an end before the terminal event, breaks it."""
+    for name, data in events:
+        event = c.load_event(data)
+        kind = event.get("type") if isinstance(event.get("type"), str) else name
+        if kind == "error":
+            message = event.get("message") if isinstance(event.get("message"), str) else "an error event"
+            raise UpstreamStreamBroken(f"openai reported an error in the stream: {message}"[: c.MAX_ERROR_MESSAGE])
+        yield name or kind, data, event
+        if kind in RESPONSE_TERMINAL:
+            return
+    raise c.ended_early("openai")

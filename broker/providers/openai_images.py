@@ -32,12 +32,17 @@ class OpenAIImagesProvider:
         self._session = session
         self._timeout = timeout
 
-    def generate(self, model: str, prompt: str, size: str, quality: str, n: int) -> ImageResult:
+    def generate(
+        self, model: str, prompt: str, size: str, quality: str, n: int, output_format: str = "png"
+    ) -> ImageResult:
         """Generate ``n`` images; every one must come back as ``b64_json`` or the call fails.
 
-        ``model`` is always sent: without it OpenAI falls back to ``dall-e-2``.
+        ``model`` is always sent: without it OpenAI falls back to ``dall-e-2``. ``output_format``
+        (png, jpeg, webp) is sent when it is not OpenAI's default, png.
         """
-        body = {"model": model, "prompt": prompt, "n": n, "size": size, "quality": quality}
+        body: dict = {"model": model, "prompt": prompt, "n": n, "size": size, "quality": quality}
+        if output_format != "png":
+            body["output_format"] = output_format
         response = c.send(
             self.name,
             self._session,

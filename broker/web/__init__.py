@@ -36,6 +36,7 @@ bp.record_once(lambda state: errors.init_app(state.app))
 
 KINDS = {
     "chat": "Chat",
+    "embedding": "Embeddings",
     "image": "Images",
     "tts": "Text-to-speech",
     "music": "Music",
@@ -138,6 +139,7 @@ def enabled_providers() -> dict[str, set[str]]:
     svc = services()
     return {
         "chat": set(svc.providers),
+        "embedding": {name for name, provider in svc.providers.items() if hasattr(provider, "embed")},
         "tts": set(svc.media.speech),
         "image": set(svc.media.images),
         "music": set(svc.media.music),

@@ -5,7 +5,8 @@ Media: OpenAI Images ``POST /v1/images/generations``, ElevenLabs ``POST /v1/text
 and Suno (sunoapi.org shape) ``POST /api/v1/generate`` + ``GET /api/v1/generate/record-info?taskId=`` + the
 clip files ``GET /files/{clipId}.mp3`` / ``.png``. All share one queue of `Reply` objects: each request that
 produces an answer pops one (or uses `FakeUpstream.default`). Suno polls and file downloads never pop; they use
-the reply remembered by the task their submit created.
+the reply remembered by the task their submit created. OpenAI speech ``POST /v1/audio/speech`` answers audio
+bytes (chunked, so `Reply.chunks` / `chunk_delay` make a slow answer) and no usage, as OpenAI does.
 
 The media bytes are deterministic; tests compare against `fake_png`, `fake_audio` and `fake_clip`, or read
 `FakeUpstream.last_outputs` (the bytes most recently served).
@@ -44,6 +45,7 @@ __all__ = [
     "fake_audio",
     "fake_clip",
     "fake_png",
+    "fake_speech",
     "make_wsgi_app",
     "tts_character_cost",
 ]
@@ -106,7 +108,7 @@ class Reply:
 class RecordedRequest:
     """One request as the fake received it; header names are lower-case."""
 
-    provider: str  # "openai" | "anthropic" | "gemini" | "openai_images" | "elevenlabs" | "suno"
+    provider: str  # "openai" | "anthropic" | "gemini" | "openai_images" | "openai_speech" | "elevenlabs" | "suno"
     path: str
     query: str
     headers: dict[str, str]
@@ -1741,6 +1743,134 @@ def _openai_images(
     return _respond(start_response, 200, headers, _dumps(body))
 
 
+# --------------------------------------------------------------------------- OpenAI speech
+
+_SPEECH_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-4o-mini-tts-2025-12-15")
+_SPEECH_VOICES = (
+    "alloy",
+    "ash",
+    "ballad",
+    "coral",
+    "echo",
+    "fable",
+    "onyx",
+    "nova",
+    "sage",
+    "shimmer",
+    "verse",
+    "marin",
+    "cedar",
+)
+_SPEECH_FIELDS = frozenset({"model", "input", "voice", "instructions", "response_format", "speed", "stream_format"})
+_SPEECH_CONTENT_TYPES = {
+    "mp3": "audio/mpeg",
+    "opus": "audio/opus",
+    "aac": "audio/aac",
+    "flac": "audio/flac",
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
+}
+
+
+def fake_speech(text: str, response_format: str = "mp3", voice: str = "alloy") -> bytes:
+    """The audio bytes the OpenAI speech fake returns (deterministic; only the leading bytes are a real container).
+
+    mp3: MPEG frames as `fake_audio`; wav: a RIFF/WAVE header (24 kHz 16-bit mono) and samples; pcm: raw
+    samples; opus: an Ogg page; aac: ADTS frame headers; flac: the `fLaC` marker. 1 + len(text)//32 units.
+    """
+    seed = f"openai-speech\0{response_format}\0{voice}\0{text}"
+    units = 1 + len(text) // 32
+    if response_format == "mp3":
+        return _mp3_frames(seed, units)
+    samples = _noise(seed, units * 960)
+    if response_format == "pcm":
+        return samples
+    if response_format == "wav":
+        fmt = struct.pack("<HHIIHH", 1, 1, 24000, 48000, 2, 16)
+        return (
+            b"RIFF"
+            + struct.pack("<I", 36 + len(samples))
+            + b"WAVEfmt "
+            + struct.pack("<I", 16)
+            + fmt
+            + b"data"
+            + struct.pack("<I", len(samples))
+            + samples
+        )
+    if response_format == "opus":
+        return b"OggS\x00\x02" + bytes(20) + b"\x01\x13OpusHead" + samples
+    if response_format == "aac":
+        return b"\xff\xf1\x50\x80" + samples
+    return b"fLaC" + samples
+
+
+def _openai_speech(
+    fake: FakeUpstream,
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    data: Any,
+) -> Iterable[bytes]:
+    """``POST /v1/audio/speech``: the audio bytes, chunked as OpenAI sends them; no usage anywhere."""
+    if environ["REQUEST_METHOD"] != "POST":
+        return _openai_error(start_response, 405, "Invalid method for URL (GET /v1/audio/speech)")
+    if not _bearer(environ):
+        return _openai_error(start_response, 401, "You didn't provide an API key.", code="invalid_api_key")
+    if not isinstance(data, dict):
+        return _openai_error(start_response, 400, "We could not parse the JSON body of your request.")
+    unknown = sorted(set(data) - _SPEECH_FIELDS)
+    if unknown:
+        return _openai_error(
+            start_response, 400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0]
+        )
+    for name in ("model", "input", "voice"):
+        if name not in data:
+            return _openai_error(
+                start_response, 400, f"Missing required parameter: '{name}'.", code="missing_required_parameter"
+            )
+    model, text, voice = data["model"], data["input"], data["voice"]
+    if model not in _SPEECH_MODELS:
+        return _openai_error(
+            start_response,
+            404,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            code="model_not_found",
+        )
+    if not isinstance(text, str) or len(text) > 4096:
+        return _openai_error(
+            start_response,
+            400,
+            "Invalid 'input': string too long. Expected a string with maximum length 4096.",
+            code="string_above_max_length",
+            param="input",
+        )
+    voice_id = voice.get("id") if isinstance(voice, dict) else voice
+    if not isinstance(voice_id, str) or (isinstance(voice, str) and voice not in _SPEECH_VOICES):
+        return _openai_error(start_response, 400, f"Invalid value for 'voice': {voice!r}.", param="voice")
+    response_format = data.get("response_format", "mp3")
+    if response_format not in _SPEECH_CONTENT_TYPES:
+        return _openai_error(
+            start_response, 400, f"Invalid value for 'response_format': {response_format!r}.", param="response_format"
+        )
+    speed = data.get("speed", 1.0)
+    if not isinstance(speed, int | float) or not 0.25 <= speed <= 4.0:
+        return _openai_error(start_response, 400, f"Invalid value for 'speed': {speed!r}.", param="speed")
+    if "instructions" in data and not model.startswith("gpt-4o-mini-tts"):
+        return _openai_error(start_response, 400, f"Instructions are not supported for {model}.", param="instructions")
+    if data.get("stream_format", "audio") == "sse" and not model.startswith("gpt-4o-mini-tts"):
+        return _openai_error(start_response, 400, f"stream_format 'sse' is not supported for {model}.")
+
+    r = _begin(fake, environ)
+    headers: _Headers = [("x-request-id", f"req_{_new_id()}"), ("openai-version", "2020-10-01")]
+    if r.retry_after is not None:
+        headers.append(("Retry-After", r.retry_after))
+    if r.status != 200:
+        return _openai_reply_error(start_response, r, headers)
+    audio = fake_speech(text, response_format, voice_id)
+    fake._served([audio])
+    content_type = _SPEECH_CONTENT_TYPES[response_format]
+    return _send_bytes(environ, start_response, headers, content_type, audio, r, chunked=True)
+
+
 # --------------------------------------------------------------------------- ElevenLabs
 
 _TTS_PREFIX = "/v1/text-to-speech/"
@@ -2117,6 +2247,8 @@ def make_wsgi_app(fake: FakeUpstream) -> WSGIApplication:
             provider, handler = "anthropic", _anthropic
         elif path.startswith("/v1/images/"):
             provider, handler = "openai_images", _openai_images
+        elif path == "/v1/audio/speech":
+            provider, handler = "openai_speech", _openai_speech
         elif path.startswith(_TTS_PREFIX):
             provider, handler = "elevenlabs", _elevenlabs
         elif path.startswith(("/api/v1/", "/files/")):
