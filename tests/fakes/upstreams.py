@@ -523,6 +523,11 @@ def _openai(
     data: Any,
 ) -> Iterable[bytes]:
     path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
+    if path in ("/v1/embeddings", "/v1/responses") or path.startswith("/v1/responses/"):
+        if not environ.get("HTTP_AUTHORIZATION", "").startswith("Bearer "):
+            return _openai_error(start_response, 401, "You didn't provide an API key.")
+        handler = _openai_embeddings if path == "/v1/embeddings" else _openai_responses
+        return handler(fake, environ, start_response, data)
     if path != "/v1/chat/completions":
         return _openai_error(start_response, 404, f"Invalid URL ({method} {path})")
     if method != "POST":
@@ -730,6 +735,370 @@ def _openai(
             }
             yield b"data: " + _dumps(usage_chunk) + b"\n\n"
         yield b"data: [DONE]\n\n"
+
+    return _stream(environ, start_response, headers, events(), chunk_delay=r.chunk_delay)
+
+
+# --- OpenAI embeddings (`POST /v1/embeddings`) and Responses (`POST /v1/responses`, `GET /v1/responses/{id}`)
+
+# Each model's full vector size; `dimensions` may shorten the text-embedding-3 ones.
+_OPENAI_EMBEDDING_DIMS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+_EMBEDDING_FIELDS = frozenset(["input", "model", "encoding_format", "dimensions", "user"])
+
+
+def fake_embedding(seed: str, dims: int) -> list[float]:
+    """A deterministic unit-ish vector for `seed`; every value is a multiple of 2⁻¹⁶ in [-1, 1), so it is
+    exactly a float32 and survives base64 (little-endian float32) unchanged."""
+    out: list[float] = []
+    counter = 0
+    while len(out) < dims:
+        digest = hashlib.sha256(f"{seed}|{counter}".encode()).digest()
+        counter += 1
+        for k in range(0, len(digest), 2):
+            out.append((int.from_bytes(digest[k : k + 2], "little") - 32768) / 65536)
+    return out[:dims]
+
+
+def _embedding_seed(item: Any) -> str:
+    return item if isinstance(item, str) else "tokens:" + ",".join(map(str, item))
+
+
+def _openai_embeddings(
+    fake: FakeUpstream, environ: WSGIEnvironment, start_response: StartResponse, data: Any
+) -> Iterable[bytes]:
+    """CreateEmbeddingRequest → CreateEmbeddingResponse. `usage.prompt_tokens` is the reply's `input_tokens`
+    per string input, and the exact length of each token array."""
+    if not isinstance(data, dict):
+        return _openai_error(start_response, 400, "We could not parse the JSON body of your request.")
+    unknown = sorted(set(data) - _EMBEDDING_FIELDS)
+    if unknown:
+        return _openai_error(start_response, 400, f"Unrecognized request argument supplied: {unknown[0]}")
+    model = data.get("model")
+    if not model:
+        return _openai_error(start_response, 400, "you must provide a model parameter")
+    if model not in _OPENAI_EMBEDDING_DIMS:
+        return _openai_error(
+            start_response,
+            404,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            code="model_not_found",
+        )
+    raw = data.get("input")
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and all(isinstance(t, int) for t in raw)):
+        items: list[Any] = [raw]
+    elif isinstance(raw, list) and raw:
+        items = raw
+    else:
+        return _openai_error(
+            start_response, 400, "'$.input' is invalid. Please check the API reference.", param="input"
+        )
+    if len(items) > 2048 or any(not item or not isinstance(item, (str, list)) for item in items):
+        return _openai_error(
+            start_response, 400, "'$.input' is invalid. Please check the API reference.", param="input"
+        )
+    fmt = data.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        return _openai_error(
+            start_response,
+            400,
+            f"Invalid value: '{fmt}'. Supported values are: 'float' and 'base64'.",
+            code="invalid_value",
+            param="encoding_format",
+        )
+    dims = _OPENAI_EMBEDDING_DIMS[model]
+    if data.get("dimensions") is not None:
+        asked = data["dimensions"]
+        if model == "text-embedding-ada-002":
+            return _openai_error(start_response, 400, "This model does not support specifying dimensions.")
+        if not isinstance(asked, int) or isinstance(asked, bool) or not 1 <= asked <= dims:
+            return _openai_error(start_response, 400, f"Invalid value for 'dimensions' = {asked}.", param="dimensions")
+        dims = asked
+    r = _begin(fake, environ)
+    headers: _Headers = [("x-request-id", f"req_{_new_id()}"), ("openai-version", "2020-10-01")]
+    if r.status != 200:
+        return _openai_reply_error(start_response, r, headers)
+    out = []
+    for index, item in enumerate(items):
+        vector = fake_embedding(_embedding_seed(item), dims)
+        embedding: Any = vector
+        if fmt == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+        out.append({"object": "embedding", "index": index, "embedding": embedding})
+    tokens = sum(len(item) if isinstance(item, list) else r.input_tokens for item in items)
+    body: dict[str, Any] = {"object": "list", "data": out, "model": model}
+    if r.fault != "no_usage":
+        body["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return _respond(start_response, 200, headers, _dumps(body))
+
+
+# CreateResponse's properties (the SDK's ResponseCreateParams): any other is refused as OpenAI does.
+_RESPONSES_FIELDS = frozenset(
+    [
+        "access_programs",
+        "background",
+        "context_management",
+        "conversation",
+        "image",
+        "include",
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "max_tool_calls",
+        "metadata",
+        "model",
+        "moderation",
+        "parallel_tool_calls",
+        "previous_response_id",
+        "prompt",
+        "prompt_cache_key",
+        "prompt_cache_options",
+        "prompt_cache_retention",
+        "reasoning",
+        "safety_identifier",
+        "service_tier",
+        "store",
+        "stream",
+        "stream_options",
+        "temperature",
+        "text",
+        "tool_choice",
+        "tools",
+        "top_logprobs",
+        "top_p",
+        "truncation",
+        "user",
+    ]
+)
+# Stored responses by id (`store` not false), across every FakeUpstream: ids never repeat.
+_STORED_RESPONSES: dict[str, dict[str, Any]] = {}
+
+
+def _responses_usage(r: Reply) -> dict[str, Any]:
+    prompt = r.input_tokens + r.cached_tokens + r.cache_write_tokens
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": r.cached_tokens, "cache_write_tokens": r.cache_write_tokens},
+        "output_tokens": r.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": r.reasoning_tokens},
+        "total_tokens": prompt + r.output_tokens,
+    }
+
+
+def _responses_output(r: Reply, data: dict[str, Any], rid: str) -> list[dict[str, Any]]:
+    """A reasoning item when the reply reasons, then function calls (when function tools were offered and the
+    reply has some) or one assistant message."""
+    items: list[dict[str, Any]] = []
+    if r.reasoning_tokens:
+        items.append({"type": "reasoning", "id": f"rs_{rid}", "summary": []})
+    functions = [t for t in data.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"]
+    if r.tool_calls and functions and data.get("tool_choice") != "none":
+        for k, call in enumerate(r.tool_calls):
+            items.append(
+                {
+                    "type": "function_call",
+                    "id": f"fc_{rid}{k}",
+                    "call_id": f"call_{rid[-8:]}{k}",
+                    "name": call["name"],
+                    "arguments": call["arguments"],
+                    "status": "completed",
+                }
+            )
+        return items
+    items.append(
+        {
+            "type": "message",
+            "id": f"msg_{rid}",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": r.text, "annotations": [], "logprobs": []}],
+        }
+    )
+    return items
+
+
+def _responses_object(data: dict[str, Any], rid: str, created: int) -> dict[str, Any]:
+    """The response object as `response.created` shows it: in progress, no output, no usage."""
+    return {
+        "id": f"resp_{rid}",
+        "object": "response",
+        "created_at": created,
+        "status": "in_progress",
+        "background": False,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": data.get("instructions"),
+        "max_output_tokens": data.get("max_output_tokens"),
+        "max_tool_calls": data.get("max_tool_calls"),
+        "model": str(data["model"]),
+        "output": [],
+        "parallel_tool_calls": data.get("parallel_tool_calls", True),
+        "previous_response_id": data.get("previous_response_id"),
+        "prompt_cache_key": data.get("prompt_cache_key"),
+        "reasoning": data.get("reasoning") or {"effort": None, "summary": None},
+        "safety_identifier": data.get("safety_identifier"),
+        "service_tier": "default",
+        "store": data.get("store") is not False,
+        "temperature": data.get("temperature", 1.0),
+        "text": data.get("text") or {"format": {"type": "text"}, "verbosity": "medium"},
+        "tool_choice": data.get("tool_choice", "auto"),
+        "tools": data.get("tools") or [],
+        "top_logprobs": data.get("top_logprobs", 0),
+        "top_p": data.get("top_p", 1.0),
+        "truncation": data.get("truncation", "disabled"),
+        "usage": None,
+        "user": data.get("user"),
+        "metadata": data.get("metadata") or {},
+    }
+
+
+def _openai_responses(
+    fake: FakeUpstream, environ: WSGIEnvironment, start_response: StartResponse, data: Any
+) -> Iterable[bytes]:
+    path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
+    if method == "GET" and path.startswith("/v1/responses/"):
+        rid = path[len("/v1/responses/") :]
+        stored = _STORED_RESPONSES.get(rid)
+        if stored is None:
+            return _openai_error(start_response, 404, f"Response with id '{rid}' not found.")
+        return _respond(start_response, 200, [], _dumps(stored))
+    if path != "/v1/responses" or method != "POST":
+        return _openai_error(start_response, 404, f"Invalid URL ({method} {path})")
+    if not isinstance(data, dict):
+        return _openai_error(start_response, 400, "We could not parse the JSON body of your request.")
+    unknown = sorted(set(data) - _RESPONSES_FIELDS)
+    if unknown:
+        return _openai_error(
+            start_response, 400, f"Unknown parameter: '{unknown[0]}'.", code="unknown_parameter", param=unknown[0]
+        )
+    if not data.get("model"):
+        return _openai_error(start_response, 400, "Missing required parameter: 'model'.", param="model")
+    previous = data.get("previous_response_id")
+    if previous is not None and previous not in _STORED_RESPONSES:
+        return _openai_error(
+            start_response,
+            400,
+            f"Previous response with id '{previous}' not found.",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        )
+    if data.get("max_output_tokens") is not None and data["max_output_tokens"] < 16:
+        return _openai_error(
+            start_response,
+            400,
+            "Invalid 'max_output_tokens': integer below minimum value.",
+            code="integer_below_min_value",
+            param="max_output_tokens",
+        )
+    r = _begin(fake, environ)
+    headers: _Headers = [("x-request-id", f"req_{_new_id()}"), ("openai-version", "2020-10-01")]
+    if r.retry_after is not None:
+        headers.append(("Retry-After", r.retry_after))
+    if r.status != 200:
+        return _openai_reply_error(start_response, r, headers)
+    rid = _new_id()
+    created = int(time.time())
+    opening = _responses_object(data, rid, created)
+    output = _responses_output(r, data, rid)
+    final = {**opening, "output": output, "usage": None if r.fault == "no_usage" else _responses_usage(r)}
+    if r.finish == "length":
+        final.update(status="incomplete", incomplete_details={"reason": "max_output_tokens"})
+    else:
+        final["status"] = "completed"
+    if final["store"]:
+        _STORED_RESPONSES[final["id"]] = final
+    if data.get("stream") is not True:
+        return _respond(start_response, 200, headers, _dumps(final))
+
+    sequence = itertools.count()
+
+    def event(kind: str, **fields: Any) -> bytes:
+        return _sse(kind, {"type": kind, **fields, "sequence_number": next(sequence)})
+
+    def events() -> Iterator[bytes | None]:
+        cut = _cut(r)
+        yield event("response.created", response=opening)
+        yield event("response.in_progress", response=opening)
+        sent = 0
+        for index, item in enumerate(output):
+            if item["type"] == "reasoning":
+                yield event("response.output_item.added", output_index=index, item=item)
+                yield event("response.output_item.done", output_index=index, item=item)
+                continue
+            if item["type"] == "function_call":
+                yield event(
+                    "response.output_item.added",
+                    output_index=index,
+                    item={**item, "arguments": "", "status": "in_progress"},
+                )
+                for piece in _pieces(item["arguments"], r.chunks) if item["arguments"] else []:
+                    if cut is not None and sent == cut:
+                        break
+                    sent += 1
+                    yield event(
+                        "response.function_call_arguments.delta",
+                        item_id=item["id"],
+                        output_index=index,
+                        delta=piece,
+                        obfuscation=_OBFUSCATION,
+                    )
+                else:
+                    yield event(
+                        "response.function_call_arguments.done",
+                        item_id=item["id"],
+                        output_index=index,
+                        name=item["name"],
+                        arguments=item["arguments"],
+                    )
+                    yield event("response.output_item.done", output_index=index, item=item)
+                    continue
+                break
+            opened = {**item, "status": "in_progress", "content": []}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            yield event("response.output_item.added", output_index=index, item=opened)
+            yield event(
+                "response.content_part.added", item_id=item["id"], output_index=index, content_index=0, part=part
+            )
+            for piece in _pieces(r.text, r.chunks):
+                if cut is not None and sent == cut:
+                    break
+                sent += 1
+                yield event(
+                    "response.output_text.delta",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    delta=piece,
+                    logprobs=[],
+                    obfuscation=_OBFUSCATION,
+                )
+            else:
+                done = item["content"][0]
+                yield event(
+                    "response.output_text.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    text=r.text,
+                    logprobs=[],
+                )
+                yield event(
+                    "response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=done
+                )
+                yield event("response.output_item.done", output_index=index, item=item)
+                continue
+            break
+        if cut is not None:
+            if r.fault == "truncate":
+                yield None
+                return
+            yield event("error", code="server_error", message=r.error_message, param=None)
+            return
+        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        yield event(kind, response=final)
 
     return _stream(environ, start_response, headers, events(), chunk_delay=r.chunk_delay)
 
@@ -1401,6 +1770,8 @@ def _gemini(
     model, _, action = path[len(_GEMINI_PREFIX) :].rpartition(":")
     if not path.startswith(_GEMINI_PREFIX) or not model:
         return _gemini_error(start_response, 404, f"Method not found: {path}", "NOT_FOUND")
+    if action == "batchEmbedContents" and method == "POST" and environ.get("HTTP_X_GOOG_API_KEY"):
+        return _gemini_embed(fake, start_response, environ, model, data)
     if action not in ("generateContent", "streamGenerateContent"):
         return _gemini_error(start_response, 404, f"Method not found: {action}", "NOT_FOUND")
     if method != "POST":
@@ -1518,6 +1889,91 @@ def _gemini(
         yield b"]" if sep != b"[" else b"[]"
 
     return _stream(environ, start_response, [], array(), content_type=_JSON)
+
+
+# --- Gemini embeddings: `POST /v1beta/models/{model}:batchEmbedContents`
+
+_GEMINI_EMBEDDING_MODELS = {"gemini-embedding-001": 3072, "text-embedding-004": 768}
+_GEMINI_EMBED_FIELDS = frozenset(["model", "content", "taskType", "title", "outputDimensionality"])
+_GEMINI_TASK_TYPES = frozenset(
+    [
+        "TASK_TYPE_UNSPECIFIED",
+        "RETRIEVAL_QUERY",
+        "RETRIEVAL_DOCUMENT",
+        "SEMANTIC_SIMILARITY",
+        "CLASSIFICATION",
+        "CLUSTERING",
+        "QUESTION_ANSWERING",
+        "FACT_VERIFICATION",
+        "CODE_RETRIEVAL_QUERY",
+    ]
+)
+
+
+def _gemini_embed(
+    fake: FakeUpstream, start_response: StartResponse, environ: WSGIEnvironment, model: str, data: Any
+) -> Iterable[bytes]:
+    """BatchEmbedContentsRequest → BatchEmbedContentsResponse: `{"embeddings": [{"values": […]}]}`, no usage
+    (the API reports none). At most 100 requests a batch; each names the URL's model."""
+    name = model.removeprefix("models/")
+    if name not in _GEMINI_EMBEDDING_MODELS:
+        return _gemini_error(
+            start_response,
+            404,
+            f"models/{name} is not found for API version v1beta, or is not supported for batchEmbedContents.",
+            "NOT_FOUND",
+        )
+    if not isinstance(data, dict) or set(data) - {"requests"}:
+        extra = sorted(set(data) - {"requests"}) if isinstance(data, dict) else []
+        return _gemini_error(
+            start_response,
+            400,
+            f'Invalid JSON payload received. Unknown name "{extra[0]}"' if extra else "Invalid JSON payload received.",
+        )
+    requests_ = data.get("requests")
+    if not isinstance(requests_, list) or not requests_:
+        return _gemini_error(start_response, 400, "* BatchEmbedContentsRequest.requests: requests is not specified\n")
+    if len(requests_) > 100:
+        return _gemini_error(
+            start_response, 400, "* BatchEmbedContentsRequest.requests: at most 100 requests can be in one batch\n"
+        )
+    seeds, dims = [], []
+    for k, request in enumerate(requests_):
+        if not isinstance(request, dict):
+            return _gemini_error(start_response, 400, "Invalid JSON payload received.")
+        unknown = sorted(set(request) - _GEMINI_EMBED_FIELDS)
+        if unknown:
+            return _gemini_error(
+                start_response,
+                400,
+                f"Invalid JSON payload received. Unknown name \"{unknown[0]}\" at 'requests[{k}]': Cannot find field.",
+            )
+        if request.get("model") != f"models/{name}":
+            return _gemini_error(
+                start_response,
+                400,
+                f"* BatchEmbedContentsRequest.requests[{k}].model: model must be the same as the batch model\n",
+            )
+        if "taskType" in request and request["taskType"] not in _GEMINI_TASK_TYPES:
+            return _gemini_error(start_response, 400, f"Invalid value at 'requests[{k}].task_type'")
+        parts = (request.get("content") or {}).get("parts") if isinstance(request.get("content"), dict) else None
+        texts = [p.get("text") for p in parts or [] if isinstance(p, dict)]
+        if not texts or not all(isinstance(t, str) for t in texts) or not "".join(texts):
+            return _gemini_error(
+                start_response, 400, f"* BatchEmbedContentsRequest.requests[{k}].content: contents must not be empty\n"
+            )
+        size = request.get("outputDimensionality", _GEMINI_EMBEDDING_MODELS[name])
+        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= _GEMINI_EMBEDDING_MODELS[name]:
+            return _gemini_error(
+                start_response, 400, f"* BatchEmbedContentsRequest.requests[{k}].output_dimensionality: invalid value\n"
+            )
+        seeds.append("".join(texts))
+        dims.append(size)
+    r = _begin(fake, environ)
+    if r.status != 200:
+        return _gemini_error(start_response, r.status, r.error_message, r.error_type or None, r.retry_after)
+    body = {"embeddings": [{"values": fake_embedding(seed, size)} for seed, size in zip(seeds, dims, strict=True)]}
+    return _respond(start_response, 200, [], _dumps(body))
 
 
 # --------------------------------------------------------------------------- media bytes
