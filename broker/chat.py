@@ -270,6 +270,11 @@ def money_headers(ended: HoldEnd, request_id: str) -> dict[str, str]:
     return _money_headers(ended.charged, ended.balance, request_id)
 
 
+def namespaced_id(account_id: int, value: str, limit: int) -> str:
+    """An identifier for the provider, tagged with the account's namespace (see ``_namespaced``)."""
+    return _namespaced(account_namespace(account_id), value, limit)
+
+
 def _adapter_check(
     provider: ChatProvider, price: ModelPrice, req: ChatCompletionRequest, messages: list[dict], extra: dict
 ) -> int:

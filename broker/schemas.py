@@ -142,6 +142,59 @@ class SimpleChatRequest(ChatCompletionRequest):
         return self.model
 
 
+class AnthropicMessageParam(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class MessagesRequest(BaseModel):
+    """``POST /v1/messages``: Anthropic's Messages request (what the anthropic SDK and Claude Code send).
+
+    Anthropic models get it as sent (model name and ``max_tokens`` as held, ``metadata.user_id``
+    namespaced per account); OpenAI and Gemini models get it translated to a chat request.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    max_tokens: int = Field(ge=1)
+    messages: list[AnthropicMessageParam] = Field(min_length=1, max_length=10_000)
+    system: str | list[dict[str, Any]] | None = None
+    stream: bool = False
+    temperature: float | None = Field(default=None, ge=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    stop_sequences: list[str] | None = Field(default=None, max_length=64)
+    tools: list[dict[str, Any]] | None = Field(default=None, description="Custom and client tools; server tools: 400")
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: Literal["auto", "standard_only"] | None = None
+    cache_control: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    context_management: dict[str, Any] | None = None
+    inference_geo: Literal["global"] | None = Field(default=None, description="Regional inference is not priced")
+    speed: Literal["standard"] | None = Field(default=None, description="Fast mode is not priced")
+
+
+class MessagesCountRequest(BaseModel):
+    """``POST /v1/messages/count_tokens``: the prompt part of a Messages request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[AnthropicMessageParam] = Field(min_length=1, max_length=10_000)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    cache_control: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    context_management: dict[str, Any] | None = None
+
+
 class SpeechRequest(BaseModel):
     """``POST /v1/tts``: text-to-speech (ElevenLabs models, or ``demo/tts``)."""
 
@@ -522,6 +575,36 @@ class ResponseObject(BaseModel):
     usage: ResponseUsage | None
 
 
+class AnthropicUsage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+class AnthropicMessage(BaseModel):
+    """Anthropic's Message (``stream: false``); with ``stream: true`` the body is Anthropic's named
+    Server-Sent Events (``message_start`` … ``message_stop``). Anthropic models' answers are relayed
+    as sent; the charge is in ``X-Credits-Charged`` and the receipt."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str | None
+    stop_sequence: str | None
+    usage: AnthropicUsage
+
+
+class MessagesTokenCount(BaseModel):
+    input_tokens: int
+
+
 class JobResultOut(BaseModel):
     index: int
     content_type: str
@@ -771,6 +854,22 @@ EXAMPLES: dict[type[BaseModel], dict] = {
         },
         "request_id": "req_5f0c3e9a8b7d4c2e9f1a0b3c4d5e6f70",
     },
+    AnthropicMessage: {
+        "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-haiku-4-5-20251001",
+        "content": [{"type": "text", "text": "Hello! How can I help you today?"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": 12,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": 11,
+        },
+    },
+    MessagesTokenCount: {"input_tokens": 14},
     JobOut: _JOB,
     JobList: {"object": "list", "data": [_JOB], "has_more": False, "next_cursor": None},
     ImagesResponse: {

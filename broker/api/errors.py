@@ -25,10 +25,40 @@ HTTP_TYPES = {
 }
 
 
+# Anthropic's Messages API routes answer in Anthropic's envelope instead, so that the anthropic
+# SDK and Claude Code raise their own classes: its error type by our status, else api_error
+# (5xx) or invalid_request_error.
+ANTHROPIC_PATH = "/v1/messages"
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def anthropic_error_body(error: BrokerError, request_id: str) -> dict:
+    """``{"type": "error", "error": {"type", "message"}, "request_id"}``, as Anthropic answers."""
+    kind = ANTHROPIC_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}, "request_id": request_id}
+
+
+def _is_anthropic() -> bool:
+    return request.path == ANTHROPIC_PATH or request.path.startswith(ANTHROPIC_PATH + "/")
+
+
 def error_response(error: BrokerError) -> Response:
-    response = jsonify(error.body())
+    body = anthropic_error_body(error, g.get("request_id", "")) if _is_anthropic() else error.body()
+    response = jsonify(body)
     response.status_code = error.status
     response.headers.update(error.headers)
+    if _is_anthropic():
+        response.headers["request-id"] = body["request_id"]  # where the anthropic SDK reads it
     return response
 
 

@@ -137,13 +137,34 @@ class AnthropicProvider:
         json_tool = _json_tool(call)
         return c.run_stream(self.name, lambda: self._post(body, stream=True), lambda ev: _translate(ev, json_tool))
 
-    def _post(self, body: dict, *, stream: bool) -> requests.Response:
+    # -- Anthropic's Messages API as the caller sent it (``broker.messages``) ------------
+
+    def create_message(self, body: dict, betas: list[str]) -> dict:
+        """One Messages call, its JSON answer as Anthropic sent it."""
+        return c.read_json(self.name, self._post(body, stream=False, betas=betas))
+
+    def stream_message(self, body: dict, betas: list[str]) -> Iterator[RawEvent]:
+        """Anthropic's events as sent: (name, data, parsed data). See ``_raw_events``."""
+        return c.run_stream(self.name, lambda: self._post(body, stream=True, betas=betas), _raw_events)
+
+    def count_tokens(self, body: dict, betas: list[str]) -> int:
+        """Anthropic's count of the prompt's input tokens (its free ``count_tokens`` endpoint)."""
+        response = self._post(body, stream=False, betas=betas, path="/count_tokens")
+        count = c.read_json(self.name, response).get("input_tokens")
+        if not isinstance(count, int):
+            raise UpstreamError("anthropic sent a token count without input_tokens")
+        return count
+
+    def _post(self, body: dict, *, stream: bool, betas: list[str] | None = None, path: str = "") -> requests.Response:
+        headers = {"x-api-key": self._api_key, "anthropic-version": API_VERSION}
+        if betas:
+            headers["anthropic-beta"] = ",".join(betas)
         response = c.send(
             self.name,
             self._session,
             "POST",
-            self._url,
-            headers={"x-api-key": self._api_key, "anthropic-version": API_VERSION},
+            self._url + path,
+            headers=headers,
             body=body,
             timeout=self._timeout,
             stream=stream,
@@ -598,6 +619,49 @@ def _translate(events: Iterator[c.SSEEvent], json_tool: str | None = None) -> It
             yield UsageReport(usage_from(usage))
             reported = True
     raise c.ended_early("anthropic")
+
+
+RawEvent = tuple[str, str, dict]  # (event name, its data as sent, the data parsed)
+# Events that come before any output: held back, so a failure among them is a clean error.
+_HEAD_EVENTS = frozenset({"message_start", "ping", "content_block_start"})
+
+
+def _raw_events(events: Iterator[c.SSEEvent]) -> Iterator[RawEvent]:
+    """Anthropic's events unchanged, up to ``message_stop``.
+
+    The events before the first output (``_HEAD_EVENTS``) are yielded together with it, so an
+    ``error`` event among them fails the call cleanly (nothing delivered, nothing charged). An
+    ``error`` event after output is relayed, then raised (the stream broke).
+    """
+    head: list[RawEvent] | None = []
+    for name, data in events:
+        event = c.load_event(data)
+        kind = str(event.get("type") or name)
+        if kind == "error" and head is not None:
+            raise _stream_error(c.as_dict(event.get("error")))
+        item = (name or kind, data, event)
+        if head is not None and kind in _HEAD_EVENTS:
+            head.append(item)
+            continue
+        if head:
+            yield from head
+        head = None
+        yield item
+        if kind == "error":
+            raise _stream_error(c.as_dict(event.get("error")))
+        if kind == "message_stop":
+            return
+    raise c.ended_early("anthropic")
+
+
+def pdf_tokens(data: str) -> int:
+    """The hold's bound for a base64 PDF (``PDF_PAGE_TOKENS`` a page); 400 if it cannot be bounded."""
+    return _pdf_pages(data) * PDF_PAGE_TOKENS
+
+
+def check_sampling(model: str, rules: dict, temperature: float | None, top_p: float | None, top_k: int | None) -> None:
+    """The model's sampling rule (price table ``rules``), for a Messages request sent as is."""
+    _check_sampling(ChatCall(model, [], 1, temperature, top_p, extra={"top_k": top_k}, rules=rules))
 
 
 def _block_delta(block: dict, call: int | None, delta: dict) -> list[StreamEvent]:

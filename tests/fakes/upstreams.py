@@ -1405,6 +1405,35 @@ def _anthropic_block_events(index: int, block: dict[str, Any], r: Reply) -> Iter
     yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
 
 
+# MessageCountTokensParams: the prompt part of a Messages request.
+_ANTHROPIC_COUNT_FIELDS = frozenset(
+    {"model", "messages", "system", "tools", "tool_choice", "thinking", "cache_control", "output_config"}
+)
+
+
+def anthropic_token_count(data: dict[str, Any]) -> int:
+    """What the fake's count_tokens answers: a quarter of the prompt's JSON bytes (system, messages
+    and tools, media data left out), rounded up, plus the media tokens a call would bill."""
+    prompt = {name: data.get(name) for name in ("system", "messages", "tools")}
+    text = re.sub(r'"data":"[^"]*"', '"data":""', _dumps(prompt).decode())
+    _, media_tokens = _anthropic_request_error({**data, "max_tokens": 1 << 30})
+    return math.ceil(len(text.encode()) / 4) + media_tokens
+
+
+def _anthropic_count_tokens(start_response: StartResponse, data: dict[str, Any]) -> list[bytes]:
+    for name in data:
+        if name not in _ANTHROPIC_COUNT_FIELDS:
+            return _anthropic_error(start_response, 400, f"{name}: Extra inputs are not permitted")
+    for required in ("model", "messages"):
+        if required not in data:
+            return _anthropic_error(start_response, 400, f"{required}: Field required")
+    refused, _ = _anthropic_request_error({**data, "max_tokens": 1 << 30})
+    if refused:
+        return _anthropic_error(start_response, 400, refused)
+    headers: _Headers = [("request-id", f"req_fake{_new_id()}")]
+    return _respond(start_response, 200, headers, _dumps({"input_tokens": anthropic_token_count(data)}))
+
+
 def _anthropic(
     fake: FakeUpstream,
     environ: WSGIEnvironment,
@@ -1412,7 +1441,7 @@ def _anthropic(
     data: Any,
 ) -> Iterable[bytes]:
     path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
-    if path != "/v1/messages":
+    if path not in ("/v1/messages", "/v1/messages/count_tokens"):
         return _anthropic_error(start_response, 404, "Not Found")
     if method != "POST":
         return _anthropic_error(start_response, 405, f"Method {method} not allowed")
@@ -1423,6 +1452,8 @@ def _anthropic(
         return _anthropic_error(start_response, 400, "anthropic-version: header is required")
     if not isinstance(data, dict):
         return _anthropic_error(start_response, 400, "There was an error parsing the body")
+    if path == "/v1/messages/count_tokens":
+        return _anthropic_count_tokens(start_response, data)
     for required in ("model", "max_tokens", "messages"):
         if required not in data:
             return _anthropic_error(start_response, 400, f"{required}: Field required")
