@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 
 from broker import jobs, media
 from broker.models import Job, LedgerEntry
-from tests.conftest import assert_invariant, make_tenant
-from tests.fakes.upstreams import Reply, fake_audio, fake_clip, fake_png
+from tests.conftest import WorkerProcess, assert_invariant, make_tenant
+from tests.fakes.upstreams import Reply, fake_audio, fake_clip, fake_png, fake_speech
 
 MARKUP, CREDIT_USD = Decimal("1.8"), Decimal("0.01")
 
@@ -337,3 +337,85 @@ def test_models_list_media_prices_in_credits_with_markup(client, tenant):
     assert data["suno/V4_5ALL"]["pricing"]["per_generation"] == "10.8"
     assert data["openai/gpt-image-1"]["pricing"]["per_image_output"]["medium"]["1024x1024"] == "7.6032"
     assert data["demo/tts"]["kind"] == "tts"
+
+
+# -- Prefer: wait (no blocking Redis read: a wait longer than the client's 5 s socket timeout holds) --------
+
+
+@pytest.fixture
+def patient_worker(app):
+    """A worker whose jobs may run 30 s: the suite's 4 s lease would let the cron fail a slow job as lost."""
+    app.extensions["broker"].media.lease_seconds = 30
+    process = WorkerProcess({**app.config["BROKER_TEST_CONFIG"], "JOB_LEASE_SECONDS": 30}).start()
+    yield process
+    process.stop()
+
+
+SPOKEN = "A slow job: the fake upstream trickles its audio out over about ten seconds."
+
+
+def _settles(app, tenant, hold_id: str) -> list[str]:
+    svc = app.extensions["broker"]
+    session = svc.db()
+    svc.ledger.drain(session, [tenant.account_id])
+    return sorted(session.scalars(select(LedgerEntry.kind).where(LedgerEntry.hold_id == hold_id)).all())
+
+
+def test_prefer_wait_25_on_a_10_s_job_is_200_with_the_finished_job_charged_once(
+    app, client, tenant, upstream, patient_worker
+):
+    # Ten 1 s gaps (each read under the 2 s read timeout): longer than the Redis client's 5 s socket timeout.
+    upstream.queue(Reply(chunks=11, chunk_delay=1.0))
+    start = balance(app, tenant)
+    response = client.post(
+        "/v1/tts",
+        json={"model": "openai/tts-1", "text": SPOKEN, "voice_id": "alloy", "output_format": "mp3"},
+        headers={**tenant.headers, "Prefer": "wait=25"},
+    )
+    assert response.status_code == 200, response.json
+    done = response.json
+    want = ucr(len(SPOKEN) * Decimal("0.015") / 1000)
+    assert done["status"] == "succeeded" and done["cost_credits"] == credits(want)
+    assert response.headers["Preference-Applied"] == "wait=25"
+    assert response.headers["X-Credits-Charged"] == credits(want)
+    assert start - balance(app, tenant) == want
+    assert client.get(done["results"][0]["url"], headers=tenant.headers).data == fake_speech(SPOKEN, "mp3", "alloy")
+    assert _settles(app, tenant, done["request_id"]) == ["hold", "settle"]
+    assert app.extensions["broker"].db().scalar(select(func.count()).select_from(Job)) == 1
+    assert_invariant(app)
+
+
+def test_prefer_wait_that_runs_out_is_202_and_the_job_is_charged_once_when_it_ends(
+    app, client, tenant, upstream, patient_worker
+):
+    upstream.queue(Reply(chunks=8, chunk_delay=0.7))
+    start = balance(app, tenant)
+    response = client.post(
+        "/v1/tts",
+        json={"model": "openai/tts-1", "text": SPOKEN, "voice_id": "alloy", "output_format": "mp3"},
+        headers={**tenant.headers, "Prefer": "wait=1", "Idempotency-Key": "tts-wait-1"},
+    )
+    assert response.status_code == 202, response.json
+    assert response.json["status"] in ("queued", "running") and "Preference-Applied" not in response.headers
+    done = poll(client, tenant, response.json["id"])
+    want = ucr(len(SPOKEN) * Decimal("0.015") / 1000)
+    assert done["status"] == "succeeded" and start - balance(app, tenant) == want
+    replay = client.post(
+        "/v1/tts",
+        json={"model": "openai/tts-1", "text": SPOKEN, "voice_id": "alloy", "output_format": "mp3"},
+        headers={**tenant.headers, "Prefer": "wait=1", "Idempotency-Key": "tts-wait-1"},
+    )
+    assert replay.headers["Idempotent-Replayed"] == "true" and replay.json["id"] == done["id"]
+    assert start - balance(app, tenant) == want
+    assert _settles(app, tenant, done["request_id"]) == ["hold", "settle"]
+    assert_invariant(app)
+
+
+def test_prefer_wait_beyond_the_accounts_cap_is_429_and_holds_nothing(app, client, tenant):
+    app.extensions["broker"].media.waits_per_account = 0
+    start = balance(app, tenant)
+    body = {"model": "demo/image", "prompt": "capped"}
+    refused = client.post("/v1/image", json=body, headers={**tenant.headers, "Prefer": "wait=5"})
+    assert refused.status_code == 429 and refused.json["error"]["code"] == "too_many_waits"
+    assert balance(app, tenant) == start
+    assert client.post("/v1/image", json=body, headers=tenant.headers).status_code == 202  # no wait, no cap
