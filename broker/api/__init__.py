@@ -130,4 +130,4 @@ def _validate(model: type[BaseModel], data: dict) -> BaseModel:
         raise InvalidRequest(f"{message}: {param}", param=param, code=first["type"]) from None
 
 
-from broker.api import account, billing, chat, embeddings, media, models, openai_media, responses  # noqa: E402,F401  (routes register on bp)
+from broker.api import account, billing, chat, embeddings, media, messages, models, openai_media, responses  # noqa: E402,F401  (routes register on bp)
