@@ -146,8 +146,11 @@ def start(
     req: ChatCompletionRequest,
     model_name: str,
     request_id: str,
+    endpoint: str = "chat",
 ) -> ChatResponse:
-    """Validate, hold, call the provider and return the (possibly streamed) response."""
+    """Validate, hold, call the provider and return the (possibly streamed) response.
+
+    ``endpoint`` names the route on the receipt (``messages`` for the translated Messages API)."""
     price = m.prices.resolve(model_name, set(m.providers))
     if price.kind != "chat":
         raise InvalidRequest(f"'{price.id}' is not a chat model.", param="model")
@@ -197,6 +200,7 @@ def start(
         prompt_text,
         len(messages),
         req.include_usage,
+        endpoint=endpoint,
     )
     if req.stream:
         return _start_stream(m, ctx, provider)

@@ -235,7 +235,7 @@ def _relay(m: Metering, ctx: chat.MeteredCall, events: Iterator[RawEvent], upstr
 def _translated(m: Metering, caller: Caller, body: dict, price: ModelPrice, request_id: str) -> ChatResponse:
     """OpenAI and Gemini models: through the chat path, its answer or stream translated back."""
     req = _chat_request(body, price)
-    result = chat.start(m, caller, req, price.id, request_id)
+    result = chat.start(m, caller, req, price.id, request_id, endpoint=ENDPOINT)
     message_id = "msg_" + request_id.removeprefix("req_")
     if result.stream is not None:
         result.stream = translate.events(result.stream, message_id, price.id)

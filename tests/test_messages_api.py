@@ -510,7 +510,8 @@ def test_an_openai_model_through_messages(app, live_server, tenant, upstream, cl
     }
     assert body["tools"][0]["function"]["parameters"] == WEATHER_TOOL["input_schema"]
     assert body["tool_choice"] == "required"
-    assert_charged(app, client, tenant, before, raw.headers["x-request-id"], "openai/gpt-4o-mini", reply)
+    rec = assert_charged(app, client, tenant, before, raw.headers["x-request-id"], "openai/gpt-4o-mini", reply)
+    assert rec["endpoint"] == "messages"
 
 
 def test_a_gemini_model_streams_through_messages(app, live_server, tenant, upstream, client):
