@@ -123,6 +123,8 @@ def load(overrides: dict | None = None) -> dict:
         "PRICES_FILE": env("PRICES_FILE", str(ROOT / "broker" / "prices.json")),
         "MAX_CONTENT_LENGTH": int(env("MAX_CONTENT_LENGTH", str(1024 * 1024))),
         "HOLD_TTL_SECONDS": int(env("HOLD_TTL_SECONDS", "900")),
+        # A chat without max_tokens holds at least this many output tokens (or the model's limit): below it, 402.
+        "MIN_OUTPUT_TOKENS": int(env("MIN_OUTPUT_TOKENS", "1024")),
         "KEY_CACHE_SECONDS": int(env("KEY_CACHE_SECONDS", "300")),
         # Per client address: more requests with unknown or revoked keys in a minute get 429 (0: off).
         "AUTH_FAILURES_PER_MINUTE": int(env("AUTH_FAILURES_PER_MINUTE", "30")),

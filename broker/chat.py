@@ -80,6 +80,7 @@ class Metering:
     markup: Decimal
     credit_usd: Decimal
     moderate: Callable[[str, str], None] = lambda text, what: None
+    min_output_tokens: int = 1024  # the least a call without max_tokens holds (MIN_OUTPUT_TOKENS)
 
 
 @dataclass
@@ -216,9 +217,14 @@ def take_hold(
     if caller.marketplace:
         # RapidAPI bills the marketplace caller: no hold, the call is metered only.
         return Hold(True, 0, requested or price.max_output_tokens, 0)
-    hold = m.ledger.hold(caller.account_id, request_id, fixed, per_token, requested or 0, price.max_output_tokens)
+    # Without max_tokens a small balance would silently cut the answer to a few tokens: hold at
+    # least a useful floor, or answer 402 saying what that needs.
+    floor = 1 if requested else min(m.min_output_tokens, price.max_output_tokens)
+    hold = m.ledger.hold(
+        caller.account_id, request_id, fixed, per_token, requested or 0, price.max_output_tokens, min_tokens=floor
+    )
     if not hold.ok:
-        raise _insufficient(hold.balance, fixed + (requested or 1) * per_token)
+        raise _insufficient(hold.balance, fixed + (requested or floor) * per_token, floor if not requested else None)
     return hold
 
 
@@ -354,10 +360,15 @@ def _namespace_extra(namespace: str, extra: dict) -> dict:
     return out
 
 
-def _insufficient(balance: int, needed: int) -> InsufficientCredits:
+def _insufficient(balance: int, needed: int, floor: int | None = None) -> InsufficientCredits:
+    how = (
+        f"Without max_tokens at least {floor:,} output tokens are held: set a lower max_tokens or add credits."
+        if floor
+        else "Lower max_tokens or add credits."
+    )
     return InsufficientCredits(
         f"Insufficient credits: this request needs up to {pricing.format_credits(needed)} credits "
-        f"and the balance is {pricing.format_credits(balance)}. Lower max_tokens or add credits.",
+        f"and the balance is {pricing.format_credits(balance)}. {how}",
         param=None,
     )
 

@@ -236,7 +236,9 @@ def init_app(app: Flask) -> Services:
     prices = PriceTable.load(config["PRICES_FILE"])
     providers = build_providers(config)
     moderate = build_moderation(config)
-    metering = Metering(ledger, prices, providers, config["MARKUP"], config["CREDIT_USD"], moderate)
+    metering = Metering(
+        ledger, prices, providers, config["MARKUP"], config["CREDIT_USD"], moderate, config["MIN_OUTPUT_TOKENS"]
+    )
     queue_redis = redis.Redis.from_url(url)
     media = build_media(config, ledger, prices, client, queue_redis, moderate)
     services = Services(

@@ -136,11 +136,13 @@ class Ledger:
         requested_tokens: int,
         max_tokens: int,
         ttl: int | None = None,
+        min_tokens: int = 1,
     ) -> Hold:
         """Reserve ``fixed + tokens × ucr_per_token`` if the balance affords it.
 
         With ``requested_tokens`` 0 the token count is the most the balance affords,
-        at most ``max_tokens``. One round trip: the expiry entry, the dirty flag and
+        at most ``max_tokens``, and the hold fails if that is under ``min_tokens``.
+        One round trip: the expiry entry, the dirty flag and
         the script are pipelined.
         """
         k = keys_of(account_id)
@@ -158,6 +160,7 @@ class Ledger:
                     requested_tokens,
                     max_tokens,
                     _now_ms(),
+                    min_tokens,
                 ],
             )
             pipe.zadd(EXPIRY, {f"{account_id}|{hold_id}": deadline}, nx=True)

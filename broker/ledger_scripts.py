@@ -25,7 +25,7 @@ local function bad(what) return redis.error_reply('ERR ledger: bad argument ' ..
 
 # KEYS: bal, held, holds, log, end_marker (a hold id that has ended is not reused)
 # ARGV: hold_id, fixed_ucr, ucr_per_output_token, requested_max_tokens (0 = none),
-#       model_cap_tokens, ts
+#       model_cap_tokens, ts, min_tokens (without a request: fewer affordable tokens fail)
 # Returns {1, balance_after, amount, max_tokens} or {0, balance, 0, affordable_tokens}.
 HOLD = (
     PRELUDE
@@ -43,9 +43,10 @@ local affordable = 0
 if bal >= fixed then
   if out > 0 then affordable = math.floor((bal - fixed) / out) else affordable = cap end
 end
+local minimum = math.max(1, int(ARGV[7] or '1') or 1)
 local tokens = req
-if req == 0 then tokens = math.min(cap, affordable) end
-if tokens < 1 or tokens > affordable then
+if req == 0 then tokens = math.min(cap, affordable) else minimum = 1 end
+if tokens < minimum or tokens > affordable then
   return {0, f('%d', bal), '0', affordable}
 end
 local amount = fixed + tokens * out
