@@ -159,6 +159,10 @@ def test_stored_responses_are_bound_to_the_account_that_made_them(app, live_serv
     assert second.previous_response_id == first.id
     again = sdk(live_server, tenant.key).responses.retrieve(first.id)
     assert again.id == first.id and again.model == MODEL and again.output_text == first.output_text
+    unstored = sdk(live_server, tenant.key).responses.create(model=MODEL, input="Forget it.", store=False)
+    with pytest.raises(openai.NotFoundError) as gone:
+        sdk(live_server, tenant.key).responses.retrieve(unstored.id)
+    assert "No response" in gone.value.message
     assert_invariant(app)
 
 

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import requests
 
-from broker.errors import UpstreamError, UpstreamStreamBroken
+from broker.errors import NotFound, UpstreamError, UpstreamStreamBroken
 from broker.providers import _common as c
 from broker.providers.base import (
     ChatCall,
@@ -138,6 +138,9 @@ class OpenAIProvider:
             headers={"Authorization": f"Bearer {self._api_key}"},
             timeout=self._timeout,
         )
+        if response.status_code == 404:  # not stored (store: false), or gone
+            response.close()
+            raise NotFound(f"No response with id '{response_id}'.")
         if response.status_code >= 300:
             try:
                 raise c.status_error(self.name, response, self._api_key)
