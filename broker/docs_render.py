@@ -44,6 +44,8 @@ EXAMPLES: dict[str, dict] = {
     },
     "ImageRequest": {"model": "{image}", "prompt": "a lighthouse at dawn", "size": "1024x1024", "quality": "low"},
     "MusicRequest": {"model": "{music}", "prompt": "a calm piano piece", "instrumental": True},
+    "OpenAISpeechRequest": {"model": "{tts}", "input": "Hello from the broker", "voice": "alloy"},
+    "OpenAIImageRequest": {"model": "{image}", "prompt": "a lighthouse at dawn", "size": "1024x1024", "quality": "low"},
     "Message": {"role": "user", "content": "Hello"},
     "EmbeddingRequest": {"model": "{embedding}", "input": "The quick brown fox jumped over the lazy dog"},
     "ResponsesRequest": {"model": "{responses}", "input": "Hello", "max_output_tokens": 200},

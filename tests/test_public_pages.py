@@ -217,8 +217,11 @@ def test_docs_cover_every_path_and_method_of_the_openapi_document(client):
     assert "ChatCompletionRequest" in page
 
 
-def test_docs_example_bodies_are_accepted_by_the_api(app, client, tenant):
-    """The example builder's bodies (from the schemas) pass the API's own validation."""
+def test_docs_example_bodies_are_accepted_by_the_api(app, client, tenant, worker):
+    """The example builder's bodies (from the schemas) pass the API's own validation.
+
+    A worker runs: the synchronous media routes wait for their job.
+    """
     with app.test_request_context(base_url="http://localhost/"):
         models = docs_render.default_models(enabled_models())
         ref = docs_render.reference(spec(), "http://localhost/", openapi.ERRORS, models)
