@@ -87,6 +87,7 @@ class Operation:
     errors: tuple[str, ...] = ("400", "401", "429", "503")
     headers: dict[str, str] = field(default_factory=dict)
     auth: bool = True
+    error_model: type[BaseModel] = ErrorResponse  # the Messages API answers in Anthropic's envelope
 
 
 def operation(**kwargs) -> Callable:
@@ -155,7 +156,7 @@ def _operation(op: Operation, path: str, method: str, components: dict) -> dict:
         headers.update(REPLAYED_HEADER)
     success["headers"] = _headers(headers)
     responses = {str(op.status): success}
-    error_ref = _schema(ErrorResponse, components)
+    error_ref = _schema(op.error_model, components)
     # Every route refuses an over-long URL before anything else (broker/api/errors.py).
     for code in sorted({*op.errors, "414", *(("409",) if idempotent else ())}):
         media = {"schema": error_ref}

@@ -605,6 +605,19 @@ class MessagesTokenCount(BaseModel):
     input_tokens: int
 
 
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """Every error on ``/v1/messages…``: Anthropic's envelope, so the anthropic SDK raises its own classes."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+    request_id: str
+
+
 class JobResultOut(BaseModel):
     index: int
     content_type: str

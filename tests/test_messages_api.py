@@ -22,6 +22,7 @@ from broker import pricing
 from broker.chat import IMAGE_TOKEN_BOUND, account_namespace
 from broker.limits import Limits
 from broker.providers.anthropic import PDF_PAGE_TOKENS
+from broker.schemas import AnthropicMessage
 from tests.conftest import PROVIDER_KEYS, assert_invariant, make_tenant
 from tests.fakes.upstreams import (
     ANTHROPIC_PDF_PAGE_TOKENS,
@@ -115,6 +116,7 @@ def test_non_stream_passes_the_body_through_and_charges_the_priced_usage(app, li
     assert (message.usage.cache_read_input_tokens, message.usage.cache_creation_input_tokens) == (300, 140)
     request_id = raw.headers["x-request-id"]
     assert message._request_id == request_id
+    AnthropicMessage.model_validate(raw.http_response.json())  # the documented response model
     last = sent(upstream)
     assert last.path == "/v1/messages" and last.headers["x-api-key"] == PROVIDER_KEYS["ANTHROPIC_API_KEY"]
     assert last.json == {
@@ -544,3 +546,44 @@ def test_an_openai_tool_call_streams_as_tool_use_blocks(app, live_server, tenant
         ("tool_use", {"city": "Rome"}),
     ]
     assert_charged(app, client, tenant, before, request_id, "openai/gpt-4o-mini", TWO_CALLS)
+
+
+# -- marketplace and the documents ----------------------------------------------------
+
+
+def test_marketplace_callers_are_metered_not_charged(app, client, upstream):
+    from tests.conftest import RAPIDAPI_SECRET
+
+    rapid = {
+        "X-RapidAPI-Proxy-Secret": RAPIDAPI_SECRET,
+        "X-RapidAPI-User": "claude_coder",
+        "X-RapidAPI-Subscription": "PRO",
+    }
+    upstream.queue(PRICED)
+    body = {"model": MODEL, "max_tokens": 100, "messages": ASK}
+    response = client.post("/v1/messages", json=body, headers={**rapid, "anthropic-version": "2023-06-01"})
+    assert response.status_code == 200 and response.headers["X-Credits-Charged"] == "0.000000"
+    usage = client.get("/v1/usage", headers=rapid).json["data"]
+    assert len(usage) == 1 and usage[0]["charged_ucr"] == 0 and usage[0]["endpoint"] == "messages"
+    assert usage[0]["tokens"]["input"] == 1200 and usage[0]["detail"]["plan"] == "PRO"
+    assert_invariant(app)
+
+
+def test_the_openapi_document_gives_anthropics_error_envelope_and_it_is_what_is_answered(client, tenant):
+    from broker.schemas import AnthropicErrorResponse
+
+    spec = client.get("/openapi.json").json
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        responses = spec["paths"][path]["post"]["responses"]
+        for code in ("400", "401", "413", "429"):
+            schema = responses[code]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/AnthropicErrorResponse"}, (path, code)
+    assert spec["paths"]["/v1/chat/completions"]["post"]["responses"]["401"]["content"]["application/json"][
+        "schema"
+    ] == {"$ref": "#/components/schemas/ErrorResponse"}
+    answered = client.post("/v1/messages", json={"model": MODEL}, headers=tenant.headers)
+    assert answered.status_code == 400
+    AnthropicErrorResponse.model_validate(answered.json)
+    assert (
+        answered.json["error"]["type"] == "invalid_request_error" and "max_tokens" in answered.json["error"]["message"]
+    )

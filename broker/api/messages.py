@@ -13,7 +13,13 @@ from broker import messages
 from broker.api import bp, parse
 from broker.api.openapi import operation
 from broker.extensions import services
-from broker.schemas import AnthropicMessage, MessagesCountRequest, MessagesRequest, MessagesTokenCount
+from broker.schemas import (
+    AnthropicErrorResponse,
+    AnthropicMessage,
+    MessagesCountRequest,
+    MessagesRequest,
+    MessagesTokenCount,
+)
 
 ERRORS = ("400", "401", "402", "404", "413", "429", "502", "503", "504")
 
@@ -37,6 +43,7 @@ def _betas() -> list[str]:
     response=AnthropicMessage,
     stream=True,
     errors=ERRORS,
+    error_model=AnthropicErrorResponse,
     headers={"X-Credits-Charged": "Credits charged", "X-Credits-Remaining": "Balance after the charge"},
 )
 def create_message() -> Response:
@@ -62,6 +69,7 @@ def create_message() -> Response:
     body=MessagesCountRequest,
     response=MessagesTokenCount,
     errors=("400", "401", "404", "413", "429", "502", "503", "504"),
+    error_model=AnthropicErrorResponse,
 )
 def count_message_tokens() -> Response:
     req = parse(MessagesCountRequest)
