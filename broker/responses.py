@@ -29,11 +29,11 @@ from datetime import UTC, datetime
 
 import redis
 
-from broker import chat, pricing
+from broker import chat, metrics, pricing
 from broker.chat import ChatResponse, Metering
 from broker.errors import BrokerError, InvalidRequest, NotFound, UpstreamStreamBroken
 from broker.keys import Caller
-from broker.ledger import Hold
+from broker.ledger import Hold, HoldEnd
 from broker.providers.base import ChatCall, Usage
 from broker.schemas import ResponsesRequest
 
@@ -209,6 +209,7 @@ class _Context:
 
     def __init__(self, m: Metering, r: redis.Redis, ctx: chat._Call, namespace: str, bound: int) -> None:
         self.m, self.r, self.ctx, self.namespace, self.bound = m, r, ctx, namespace, bound
+        self.ended = HoldEnd("open", 0, 0)
 
     def restore(self, response: object) -> None:
         if isinstance(response, dict):
@@ -339,6 +340,7 @@ def _relay(run: _Context, head: list, events) -> Iterator[str]:
                 raw = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
             yield _sse(name, raw)
     except UpstreamStreamBroken as error:
+        metrics.UPSTREAM_ERRORS.labels("openai", error.code).inc()
         if not settled:
             run.settle(None, "".join(delivered), False, True, error.code)
             settled = True
