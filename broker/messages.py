@@ -161,6 +161,9 @@ def _anthropic(
         endpoint=ENDPOINT,
     )
     body.update(model=price.upstream_model, max_tokens=ctx.call.max_tokens)
+    # Claude Code asks why a prompt missed the cache compared with an earlier message id: in our
+    # one provider account that could compare with another customer's request, so it is not sent.
+    body.pop("diagnostics", None)
     user = c.as_dict(body.get("metadata")).get("user_id")
     if isinstance(user, str) and user:
         body["metadata"] = {**body["metadata"], "user_id": chat.namespaced_id(caller.account_id, user, 256)}

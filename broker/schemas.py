@@ -177,6 +177,9 @@ class MessagesRequest(BaseModel):
     context_management: dict[str, Any] | None = None
     inference_geo: Literal["global"] | None = Field(default=None, description="Regional inference is not priced")
     speed: Literal["standard"] | None = Field(default=None, description="Fast mode is not priced")
+    diagnostics: dict[str, Any] | None = Field(
+        default=None, description="Accepted and not sent: prompt-cache diagnostics would compare across accounts"
+    )
 
 
 class MessagesCountRequest(BaseModel):

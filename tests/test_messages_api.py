@@ -107,7 +107,8 @@ def test_non_stream_passes_the_body_through_and_charges_the_priced_usage(app, li
         messages=ASK,
         stop_sequences=["###"],
         metadata={"user_id": "alice"},
-        extra_body={"temperature": 0.5},  # this SDK no longer lists it; older clients send it
+        # temperature: this SDK no longer lists it, older clients send it; diagnostics: accepted, not sent
+        extra_body={"temperature": 0.5, "diagnostics": {"previous_message_id": "msg_someone_elses"}},
     )
     message = raw.parse()
     assert message.content[0].type == "text" and message.content[0].text == PRICED.text
