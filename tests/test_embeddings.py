@@ -68,9 +68,7 @@ def test_openai_embedding_is_charged_from_the_reported_tokens(model, app, live_s
     assert_invariant(app)
 
 
-def test_sdk_default_base64_decodes_to_the_same_floats_and_batches_keep_their_order(
-    app, live_server, tenant, upstream
-):
+def test_sdk_default_base64_decodes_to_the_same_floats_and_batches_keep_their_order(app, live_server, tenant, upstream):
     texts = ["first input", "second, longer input", "третий"]
     upstream.queue(Reply(input_tokens=5))
     before = balance(app, tenant)
@@ -194,3 +192,22 @@ def test_models_list_embedding_kind_with_prices(client, tenant):
     assert "openai/text-embedding-3-small" not in {
         m["id"] for m in client.get("/v1/models", headers=tenant.headers).json["data"]
     }
+
+
+def test_marketplace_callers_are_metered_not_charged(app, client, upstream):
+    from tests.conftest import RAPIDAPI_SECRET
+
+    rapid = {
+        "X-RapidAPI-Proxy-Secret": RAPIDAPI_SECRET,
+        "X-RapidAPI-User": "embedder",
+        "X-RapidAPI-Subscription": "PRO",
+    }
+    upstream.queue(Reply(input_tokens=30))
+    response = client.post(
+        "/v1/embeddings", json={"model": "openai/text-embedding-3-small", "input": "x"}, headers=rapid
+    )
+    assert response.status_code == 200 and response.headers["X-Credits-Charged"] == "0.000000"
+    usage = client.get("/v1/usage", headers=rapid).json["data"][0]
+    assert usage["endpoint"] == "embeddings" and usage["charged_ucr"] == 0 and usage["tokens"]["input"] == 30
+    assert usage["detail"]["plan"] == "PRO" and Decimal(usage["provider_cost_usd"]) == Decimal("0.0000006")
+    assert_invariant(app)

@@ -201,3 +201,20 @@ def test_function_tools_pass_through_and_the_call_comes_back(app, live_server, t
     assert upstream.requests[-1].json["tools"] == tools
     assert before - balance(app, tenant) == expected_ucr(Reply(output_tokens=20))
     assert_invariant(app)
+
+
+def test_marketplace_callers_are_metered_not_charged(app, client, upstream):
+    from tests.conftest import RAPIDAPI_SECRET
+
+    rapid = {
+        "X-RapidAPI-Proxy-Secret": RAPIDAPI_SECRET,
+        "X-RapidAPI-User": "responder",
+        "X-RapidAPI-Subscription": "PRO",
+    }
+    upstream.queue(REPLY)
+    response = client.post("/v1/responses", json={"model": MODEL, "input": PROMPT}, headers=rapid)
+    assert response.status_code == 200 and response.headers["X-Credits-Charged"] == "0.000000"
+    usage = client.get("/v1/usage", headers=rapid).json["data"][0]
+    assert usage["endpoint"] == "responses" and usage["charged_ucr"] == 0 and usage["tokens"]["output"] == 57
+    assert usage["detail"]["plan"] == "PRO"
+    assert_invariant(app)
