@@ -249,9 +249,13 @@ def submit(
             failure_ttl=7 * 86400,
         )
     except Exception:
-        session.rollback()
+        rollback_quietly(session)
+        try:
+            # Mark the job first: a release that fails leaves its hold to the reaper, never a queued ghost.
+            _set_status(session, job.id, ("queued",), "failed", error_type="enqueue_failed", error_message="not queued")
+        except SQLAlchemyError:
+            rollback_quietly(session)
         ctx.ledger.release(caller.account_id, request_id, _receipt(ctx, job, price, "error", Decimal(0), {}))
-        _set_status(session, job.id, ("queued",), "failed", error_type="enqueue_failed", error_message="not queued")
         raise
     return job, hold.balance
 
