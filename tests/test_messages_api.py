@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import time
 from decimal import Decimal
 
 import anthropic
@@ -333,6 +334,30 @@ def test_a_broken_stream_charges_what_was_delivered(app, live_server, tenant, up
     rec = receipt(client, tenant, response.headers["X-Request-Id"])
     assert rec["status"] == "partial" and rec["flags"]["estimated"] is True
     assert 0 < rec["charged_ucr"] == before - balance(app, tenant) <= rec["hold_ucr"]
+    assert_invariant(app)
+
+
+@pytest.mark.parametrize("model", [MODEL, "openai/gpt-4o-mini"])
+def test_a_client_that_goes_away_mid_stream_is_charged_once_for_what_was_delivered(
+    app, live_server, tenant, upstream, client, model
+):
+    upstream.queue(Reply(text="w " * 40, chunks=20, chunk_delay=0.1))
+    before = balance(app, tenant)
+    body = {"model": model, "max_tokens": 200, "messages": ASK, "stream": True}
+    response = raw_post(live_server, tenant.key, body)
+    lines = response.iter_lines()
+    seen = [next(lines) for _ in range(12)]
+    assert any(b'"text_delta"' in line for line in seen)
+    response.close()
+    deadline = time.time() + 10
+    while time.time() < deadline and not client.get("/v1/usage", headers=tenant.headers).json["data"]:
+        time.sleep(0.1)
+    rec = client.get("/v1/usage", headers=tenant.headers).json["data"][0]
+    assert rec["status"] == "partial" and rec["error_code"] == "client_disconnected"
+    assert rec["flags"]["estimated"] is True and rec["endpoint"] == "messages"
+    assert 0 < rec["charged_ucr"] <= rec["hold_ucr"]
+    assert rec["tokens"]["output"] < 40  # far from the whole answer
+    assert before - balance(app, tenant) == rec["charged_ucr"]
     assert_invariant(app)
 
 
