@@ -458,7 +458,7 @@ def _receipt(m: Metering, ctx: _Call, usage: Usage, cost: Decimal, status: str, 
         "cache_write_tokens": usage.cache_write_tokens,
         "cache_write_1h_tokens": usage.cache_write_1h_tokens,
         "output_tokens": usage.output_tokens,
-        "cost_usd": str(cost),
+        "cost_usd": format(cost, "f"),  # never exponent form (6E-7) for tiny costs
         "markup": str(m.markup),
         "hold_ucr": ctx.hold,
         "estimated": estimated,

@@ -628,7 +628,7 @@ def _receipt(ctx: MediaContext, job: Job, price: ModelPrice, status: str, cost: 
         "status": status,
         "input_tokens": detail.get("text_input_tokens", detail.get("characters", 0)),
         "output_tokens": detail.get("image_output_tokens", 0),
-        "cost_usd": str(cost),
+        "cost_usd": format(cost, "f"),  # never exponent form (6E-7) for tiny costs
         "markup": str(ctx.markup),
         "hold_ucr": job.hold_ucr,
         "estimated": bool(detail.get("estimated")),
