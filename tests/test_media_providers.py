@@ -13,6 +13,7 @@ import requests
 from broker.errors import (
     InvalidRequest,
     UpstreamError,
+    UpstreamRateLimited,
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -161,9 +162,10 @@ def test_elevenlabs_validation_errors_are_rejected_with_the_message(
     assert "text: String should have at most 5000 characters" in raised.value.message
 
 
-def test_elevenlabs_rate_limit_is_unavailable_with_retry_after(fake: FakeUpstream) -> None:
+def test_elevenlabs_rate_limit_is_a_rate_limit_with_retry_after(fake: FakeUpstream) -> None:
+    """A 429 past the session's retries is a rate limit (429 to a waiting client; RQ retries the job)."""
     fake.queue(Reply(status=429, retry_after="3", error_message="Too many concurrent requests"))
-    with make_session(retries=0) as once, pytest.raises(UpstreamUnavailable) as raised:
+    with make_session(retries=0) as once, pytest.raises(UpstreamRateLimited) as raised:
         say(tts(fake, once))
     assert raised.value.headers == {"Retry-After": "3"}
 
