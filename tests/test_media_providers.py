@@ -13,12 +13,11 @@ import requests
 from broker.errors import (
     InvalidRequest,
     UpstreamError,
-    UpstreamRateLimited,
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from broker.providers.base import ImageUsage, MusicTask
+from broker.providers.base import ImageUsage, MusicTask, UpstreamRateLimited
 from broker.providers.demo import DemoImages, DemoMusic, DemoSpeech, image_tokens
 from broker.providers.elevenlabs import OUTPUT_FORMATS, ElevenLabsProvider, content_type_for
 from broker.providers.http import make_session
