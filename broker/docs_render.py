@@ -49,6 +49,8 @@ EXAMPLES: dict[str, dict] = {
     "Message": {"role": "user", "content": "Hello"},
     "EmbeddingRequest": {"model": "{embedding}", "input": "The quick brown fox jumped over the lazy dog"},
     "ResponsesRequest": {"model": "{responses}", "input": "Hello", "max_output_tokens": 200},
+    "MessagesRequest": {"model": "{messages}", "max_tokens": 200, "messages": [{"role": "user", "content": "Hello"}]},
+    "MessagesCountRequest": {"model": "{messages}", "messages": [{"role": "user", "content": "Hello"}]},
     "CheckoutRequest": {"pack": "usd20"},
     "RegisterRequest": {"email": "you@example.com"},
 }
@@ -854,6 +856,8 @@ def default_models(enabled: dict[str, list[str]]) -> dict[str, str]:
         models[kind] = (demo or ids or [default])[0]
     # The Responses API is served for OpenAI models only.
     models["responses"] = next((i for i in enabled.get("chat", []) if i.startswith("openai/")), "openai/gpt-4o-mini")
+    # Anthropic's Messages API is shown with an Anthropic model (any chat model works there).
+    models["messages"] = next((i for i in enabled.get("chat", []) if i.startswith("anthropic/")), models["chat"])
     provider, _, bare = models["chat"].partition("/")
     models["chat_provider"], models["chat_model"] = provider, bare
     models["voice_id"] = "demo" if models["tts"].startswith("demo/") else "21m00Tcm4TlvDq8ikWAM"
