@@ -106,6 +106,8 @@ def load(overrides: dict | None = None) -> dict:
     (``OPERATOR_DEMO`` is then true).
     """
     load_dotenv(ROOT / ".env", override=False)
+    from broker.providers import registry  # here, not at the top: the broker package imports this module
+
     env = os.environ.get
     broker_env = (overrides or {}).get("BROKER_ENV") or env("BROKER_ENV", "development")
     if broker_env not in ENVIRONMENTS:
@@ -137,19 +139,8 @@ def load(overrides: dict | None = None) -> dict:
         "UPSTREAM_CONNECT_TIMEOUT": float(env("UPSTREAM_CONNECT_TIMEOUT", "5")),
         "UPSTREAM_READ_TIMEOUT": float(env("UPSTREAM_READ_TIMEOUT", "120")),
         "UPSTREAM_RETRIES": int(env("UPSTREAM_RETRIES", "2")),
-        "OPENAI_BASE_URL": env("OPENAI_BASE_URL", "https://api.openai.com/v1"),
-        "OPENAI_API_KEY": env("OPENAI_API_KEY", ""),
-        "ANTHROPIC_BASE_URL": env("ANTHROPIC_BASE_URL", "https://api.anthropic.com"),
-        "ANTHROPIC_API_KEY": env("ANTHROPIC_API_KEY", ""),
-        "GEMINI_BASE_URL": env("GEMINI_BASE_URL", "https://generativelanguage.googleapis.com"),
-        "GOOGLE_API_KEY": env("GOOGLE_API_KEY", ""),
-        "ELEVENLABS_BASE_URL": env("ELEVENLABS_BASE_URL", "https://api.elevenlabs.io"),
-        "ELEVENLABS_API_KEY": env("ELEVENLABS_API_KEY", ""),
-        # USD one ElevenLabs credit costs on your plan; unset: derived from the price table.
-        "ELEVENLABS_CREDIT_USD": Decimal(env("ELEVENLABS_CREDIT_USD")) if env("ELEVENLABS_CREDIT_USD") else None,
-        # Unofficial third-party Suno-style API (sunoapi.org shape): its root URL and key.
-        "SUNO_BASE_URL": env("SUNO_BASE_URL", "https://api.sunoapi.org"),
-        "SUNO_API_KEY": env("SUNO_API_KEY", ""),
+        # Each provider's key and base URL (and any other setting it reads): its adapter module declares them.
+        **registry.settings(env),
         "MEDIA_STORAGE": env("MEDIA_STORAGE", "local"),
         "S3_BUCKET": env("S3_BUCKET", ""),
         "S3_ENDPOINT_URL": env("S3_ENDPOINT_URL", ""),
@@ -241,8 +232,7 @@ def load(overrides: dict | None = None) -> dict:
         config[name] = config[name] or DEMO_OPERATOR[name]
     config["TRUSTED_HOSTS"] = _trusted_hosts(config)
     config["STRIPE_CHECKOUT_ORIGIN"] = _checkout_origin(config)
-    provider_keys = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GOOGLE_API_KEY", "ELEVENLABS_API_KEY", "SUNO_API_KEY")
-    no_keys = not any(config[k] for k in provider_keys)
+    no_keys = not any(config[k] for k in registry.key_settings())
     config["DEMO_PROVIDER"] = _bool(str(config["DEMO_PROVIDER"]), default=no_keys)
     config["TESTING"] = config["BROKER_ENV"] == "testing"
     return config

@@ -158,8 +158,6 @@ def start(
     provider = m.providers[price.provider]
     extra = req.extra_fields()
     _check_extra(price, provider, extra)
-    if price.provider == "anthropic" and req.n > 1:
-        raise InvalidRequest("Anthropic models return one choice: n must be 1.", param="n")
     requested = req.requested_max_tokens
     if requested and requested > price.max_output_tokens:
         raise InvalidRequest(

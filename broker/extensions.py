@@ -26,16 +26,9 @@ from broker.limits import Limits
 from broker.mail import Mailer, make_mailer
 from broker.media import MediaContext
 from broker.pricing import PriceTable
-from broker.providers.anthropic import AnthropicProvider
+from broker.providers import registry
 from broker.providers.base import ChatProvider
-from broker.providers.demo import DemoImages, DemoMusic, DemoProvider, DemoSpeech
-from broker.providers.elevenlabs import ElevenLabsProvider
-from broker.providers.gemini import GeminiProvider
 from broker.providers.http import make_session
-from broker.providers.openai import OpenAIProvider
-from broker.providers.openai_images import OpenAIImagesProvider
-from broker.providers.openai_speech import OpenAISpeechProvider
-from broker.providers.suno import SunoProvider
 from broker.storage import make_storage
 
 EMBEDDED_REDIS_PORT = 6390
@@ -88,20 +81,8 @@ def redis_url(config: dict) -> str:
 
 
 def build_providers(config: dict) -> dict[str, ChatProvider]:
-    """One adapter per provider that has a key (each with its own pooled session), plus demo."""
-    timeout = (config["UPSTREAM_CONNECT_TIMEOUT"], config["UPSTREAM_READ_TIMEOUT"])
-    retries = config["UPSTREAM_RETRIES"]
-    providers: dict[str, ChatProvider] = {}
-    for name, cls, base, key in (
-        ("openai", OpenAIProvider, "OPENAI_BASE_URL", "OPENAI_API_KEY"),
-        ("anthropic", AnthropicProvider, "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY"),
-        ("gemini", GeminiProvider, "GEMINI_BASE_URL", "GOOGLE_API_KEY"),
-    ):
-        if config[key]:
-            providers[name] = cls(config[base], config[key], make_session(retries), timeout)
-    if config["DEMO_PROVIDER"]:
-        providers["demo"] = DemoProvider()
-    return providers
+    """One chat adapter per provider that has a key (each with its own pooled session), plus demo."""
+    return registry.build(config, "chat", make_session)  # type: ignore[return-value]
 
 
 def build_moderation(config: dict) -> moderation.Check:
@@ -117,31 +98,10 @@ def build_moderation(config: dict) -> moderation.Check:
     return moderation.combine(checks)
 
 
-# Media adapters by kind: (kind, provider, class, base URL setting, key setting, transport retries).
-# Suno gets no transport retries: the vendor's 429 means "out of credits", and RQ retries the job anyway.
-MEDIA_ADAPTERS = (
-    ("speech", "elevenlabs", ElevenLabsProvider, "ELEVENLABS_BASE_URL", "ELEVENLABS_API_KEY", True),
-    ("speech", "openai", OpenAISpeechProvider, "OPENAI_BASE_URL", "OPENAI_API_KEY", True),
-    ("images", "openai", OpenAIImagesProvider, "OPENAI_BASE_URL", "OPENAI_API_KEY", True),
-    ("music", "suno", SunoProvider, "SUNO_BASE_URL", "SUNO_API_KEY", False),
-)
-
-
 def build_media_providers(config: dict) -> tuple[dict, dict, dict]:
     """Speech, image and music adapters for the providers that have keys, plus demo."""
-    timeout = (config["UPSTREAM_CONNECT_TIMEOUT"], config["UPSTREAM_READ_TIMEOUT"])
-    kinds: dict[str, dict] = {"speech": {}, "images": {}, "music": {}}
-    for kind, name, cls, base, key, retries in MEDIA_ADAPTERS:
-        if config[key]:
-            session = make_session(config["UPSTREAM_RETRIES"] if retries else 0)
-            kinds[kind][name] = cls(config[base], config[key], session, timeout)
-    if config["DEMO_PROVIDER"]:
-        kinds["speech"]["demo"], kinds["images"]["demo"], kinds["music"]["demo"] = (
-            DemoSpeech(),
-            DemoImages(),
-            DemoMusic(),
-        )
-    return kinds["speech"], kinds["images"], kinds["music"]
+    speech, images, music = (registry.build(config, kind, make_session) for kind in ("speech", "images", "music"))
+    return speech, images, music
 
 
 def build_media(
@@ -159,7 +119,6 @@ def build_media(
         redis=client,
         markup=config["MARKUP"],
         credit_usd=config["CREDIT_USD"],
-        elevenlabs_credit_usd=config["ELEVENLABS_CREDIT_USD"],
         lease_seconds=config["JOB_LEASE_SECONDS"],
         hold_ttl=config["JOB_HOLD_TTL_SECONDS"],
         retry_intervals=[int(x) for x in str(config["JOB_RETRY_INTERVALS"]).split(",") if x.strip()],

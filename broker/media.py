@@ -111,7 +111,6 @@ class MediaContext:
     redis: redis.Redis
     markup: Decimal
     credit_usd: Decimal
-    elevenlabs_credit_usd: Decimal | None
     lease_seconds: int
     hold_ttl: int
     retry_intervals: list[int]
@@ -193,7 +192,8 @@ def _music_bound_usd(price: ModelPrice, req: MusicRequest) -> Decimal:
 
 
 def _unit_usd(ctx: MediaContext, price: ModelPrice) -> Decimal | None:
-    return ctx.elevenlabs_credit_usd if price.provider == "elevenlabs" else None
+    """What one of the provider's billing units costs on the operator's plan, if its adapter knows."""
+    return getattr(ctx.speech.get(price.provider), "unit_usd", None)
 
 
 def submit(

@@ -52,13 +52,13 @@ def test_max_tokens_beyond_the_balance_is_402_before_any_upstream_call(app, live
 
 
 def test_without_max_tokens_the_upstream_maximum_is_what_the_balance_affords(app, live_server, upstream):
-    poor = make_tenant("0.01")  # 10,000 µcr; gpt-4o-mini output costs 108 µcr a token
+    poor = make_tenant("0.2")  # 200,000 µcr; gpt-4o-mini output costs 108 µcr a token (above MIN_OUTPUT_TOKENS)
     upstream.queue(Reply(input_tokens=5, output_tokens=3))
     sdk(live_server, poor.key).chat.completions.create(model="openai/gpt-4o-mini", messages=MESSAGES)
     sent = upstream.requests[-1].json["max_completion_tokens"]
     assert 0 < sent < 16384
     held_input = (16 + 2 + 8) * 27  # request + prompt bytes + message overhead, at 27 µcr a token
-    assert sent == (10_000 - held_input) // 108
+    assert sent == (200_000 - held_input) // 108
 
 
 def test_body_over_the_limit_is_413_json(client, tenant):

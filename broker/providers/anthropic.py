@@ -35,6 +35,7 @@ import requests
 
 from broker.errors import InvalidRequest, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from broker.providers import _common as c
+from broker.providers import registry
 from broker.providers import translate as t
 from broker.providers.base import (
     ChatCall,
@@ -703,3 +704,14 @@ def _stream_error(error: dict) -> UpstreamError:
     if kind == "invalid_request_error":
         return UpstreamRejected(f"anthropic rejected the request: {error.get('message') or kind}")
     return UpstreamError(message)
+
+
+ADAPTERS = (
+    registry.Adapter(
+        "chat",
+        "anthropic",
+        registry.standard(AnthropicProvider, "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY"),
+        "ANTHROPIC_API_KEY",
+        {"ANTHROPIC_BASE_URL": "https://api.anthropic.com"},
+    ),
+)

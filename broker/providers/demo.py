@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from broker.errors import InvalidRequest, UpstreamError
+from broker.providers import registry
 from broker.providers._common import text_of
 from broker.providers.base import (
     ChatCall,
@@ -277,3 +278,12 @@ def _decode_task(task_id: str) -> dict | None:
     except ValueError:
         return None
     return request if isinstance(request, dict) else None
+
+
+# The demo stand-ins: on when DEMO_PROVIDER is (by default when no provider key is set).
+ADAPTERS = (
+    registry.Adapter("chat", "demo", lambda config, session, timeout: DemoProvider(), None),
+    registry.Adapter("speech", "demo", lambda config, session, timeout: DemoSpeech(), None),
+    registry.Adapter("images", "demo", lambda config, session, timeout: DemoImages(), None),
+    registry.Adapter("music", "demo", lambda config, session, timeout: DemoMusic(), None),
+)

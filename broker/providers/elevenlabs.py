@@ -10,6 +10,7 @@ import requests
 
 from broker.errors import InvalidRequest, UpstreamError, UpstreamRejected
 from broker.providers import _common as c
+from broker.providers import registry
 from broker.providers.base import MediaFile, SpeechResult
 
 # PROVIDERS.md §6: the ``output_format`` values the API accepts. 192 kbps MP3 needs a
@@ -89,7 +90,9 @@ class ElevenLabsProvider:
         api_key: str,
         session: requests.Session,
         timeout: tuple[float, float],
+        unit_usd: Decimal | None = None,
     ) -> None:
+        self.unit_usd = unit_usd  # what one ElevenLabs credit costs on the operator's plan (None: the price table)
         self._base = base_url.rstrip("/") + "/v1/text-to-speech/"
         self._api_key = api_key
         self._session = session
@@ -219,3 +222,26 @@ def _credits(header: str | None) -> int | None:
     if not value.is_finite() or value < 0:
         return None
     return math.ceil(value)
+
+
+def _build(config, session: requests.Session, timeout: tuple[float, float]) -> ElevenLabsProvider:
+    credit_usd = config["ELEVENLABS_CREDIT_USD"]
+    return ElevenLabsProvider(
+        config["ELEVENLABS_BASE_URL"],
+        config["ELEVENLABS_API_KEY"],
+        session,
+        timeout,
+        unit_usd=Decimal(credit_usd) if credit_usd else None,
+    )
+
+
+ADAPTERS = (
+    registry.Adapter(
+        "speech",
+        "elevenlabs",
+        _build,
+        "ELEVENLABS_API_KEY",
+        # ELEVENLABS_CREDIT_USD: what one ElevenLabs credit costs on your plan; empty: from the price table.
+        {"ELEVENLABS_BASE_URL": "https://api.elevenlabs.io", "ELEVENLABS_CREDIT_USD": ""},
+    ),
+)

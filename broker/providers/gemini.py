@@ -19,6 +19,7 @@ from broker.errors import (
 )
 from broker.providers import _common as c
 from broker.providers import gemini_translate as t
+from broker.providers import registry
 from broker.providers.base import (
     ChatCall,
     ChatResult,
@@ -416,3 +417,14 @@ def _stream_error(error: dict) -> UpstreamError:
     if status == "DEADLINE_EXCEEDED":
         return UpstreamTimeout(message)
     return UpstreamError(message)
+
+
+ADAPTERS = (
+    registry.Adapter(
+        "chat",
+        "gemini",
+        registry.standard(GeminiProvider, "GEMINI_BASE_URL", "GOOGLE_API_KEY"),
+        "GOOGLE_API_KEY",
+        {"GEMINI_BASE_URL": "https://generativelanguage.googleapis.com"},
+    ),
+)

@@ -15,6 +15,7 @@ import requests
 
 from broker.errors import NotFound, UpstreamError, UpstreamStreamBroken
 from broker.providers import _common as c
+from broker.providers import registry
 from broker.providers.base import (
     ChatCall,
     ChatResult,
@@ -305,3 +306,17 @@ def _response_events(events: Iterator[c.SSEEvent]) -> Iterator[tuple[str, str, d
         if kind in RESPONSE_TERMINAL:
             return
     raise c.ended_early("openai")
+
+
+# The settings every OpenAI adapter (chat, speech, images) reads.
+OPENAI_SETTINGS = {"OPENAI_BASE_URL": "https://api.openai.com/v1"}
+
+ADAPTERS = (
+    registry.Adapter(
+        "chat",
+        "openai",
+        registry.standard(OpenAIProvider, "OPENAI_BASE_URL", "OPENAI_API_KEY"),
+        "OPENAI_API_KEY",
+        OPENAI_SETTINGS,
+    ),
+)

@@ -9,7 +9,9 @@ import requests
 
 from broker.errors import UpstreamError, UpstreamRejected
 from broker.providers import _common as c
+from broker.providers import registry
 from broker.providers.base import ImageResult, ImageUsage, MediaFile
+from broker.providers.openai import OPENAI_SETTINGS
 
 _FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
 # ``moderation_blocked`` for GPT image models; DALL·E used ``content_policy_violation``.
@@ -113,3 +115,14 @@ def _decode(item: object) -> bytes:
         return base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise UpstreamError("openai returned malformed image data") from None
+
+
+ADAPTERS = (
+    registry.Adapter(
+        "images",
+        "openai",
+        registry.standard(OpenAIImagesProvider, "OPENAI_BASE_URL", "OPENAI_API_KEY"),
+        "OPENAI_API_KEY",
+        OPENAI_SETTINGS,
+    ),
+)

@@ -10,7 +10,9 @@ import requests
 
 from broker.errors import InvalidRequest, UpstreamError
 from broker.providers import _common as c
+from broker.providers import registry
 from broker.providers.base import MediaFile, SpeechResult
+from broker.providers.openai import OPENAI_SETTINGS
 
 # OpenAI's ``response_format`` values and the media type of each.
 CONTENT_TYPES = {
@@ -130,3 +132,14 @@ class OpenAISpeechProvider:
             billed_units=None,
             upstream_id=response.headers.get("x-request-id") or None,
         )
+
+
+ADAPTERS = (
+    registry.Adapter(
+        "speech",
+        "openai",
+        registry.standard(OpenAISpeechProvider, "OPENAI_BASE_URL", "OPENAI_API_KEY"),
+        "OPENAI_API_KEY",
+        OPENAI_SETTINGS,
+    ),
+)

@@ -9,6 +9,7 @@ import requests
 
 from broker.errors import InvalidRequest, UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from broker.providers import _common as c
+from broker.providers import registry
 from broker.providers.base import MediaFile, MusicTask
 
 PLACEHOLDER_CALLBACK = "https://example.invalid/callback"
@@ -206,3 +207,17 @@ def _origin(url: str) -> tuple[str, str, int]:
 
 def _guess_type(path: str) -> str:
     return _AUDIO_TYPES.get(posixpath.splitext(path)[1].lower(), "audio/mpeg")
+
+
+ADAPTERS = (
+    registry.Adapter(
+        "music",
+        "suno",
+        registry.standard(SunoProvider, "SUNO_BASE_URL", "SUNO_API_KEY"),
+        "SUNO_API_KEY",
+        # An unofficial third-party Suno-style API (sunoapi.org shape).
+        {"SUNO_BASE_URL": "https://api.sunoapi.org"},
+        # Its 429 means "out of credits", and RQ retries the job anyway: no transport retries.
+        transport_retries=False,
+    ),
+)
