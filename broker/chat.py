@@ -174,8 +174,9 @@ def start(
         bound += pricing.text_token_bound(json.dumps(extra)) + count * DEFINITION_OVERHEAD_TOKENS
         if definitions:
             prompt_text += "\n" + json.dumps(definitions)
-    bound += _adapter_check(provider, price, req, messages, extra)
-    hold = take_hold(m, caller, price, bound, requested, request_id, req.n)
+    media_tokens, reasoning_tokens = _adapter_check(provider, price, req, messages, extra)
+    bound += media_tokens
+    hold = take_hold(m, caller, price, bound, requested, request_id, req.n, reasoning_tokens)
     namespace = account_namespace(caller.account_id)
     call = ChatCall(
         model=price.upstream_model,
@@ -207,7 +208,14 @@ def start(
 
 
 def take_hold(
-    m: Metering, caller: Caller, price: ModelPrice, bound: int, requested: int | None, request_id: str, n: int = 1
+    m: Metering,
+    caller: Caller,
+    price: ModelPrice,
+    bound: int,
+    requested: int | None,
+    request_id: str,
+    n: int = 1,
+    reasoning_tokens: int = 0,
 ) -> Hold:
     """Hold ``bound`` prompt tokens at the dearest input rate plus the output tokens (402 if unaffordable)."""
     fixed = int((bound * _rate(price.max_input_rate, m)).to_integral_value(rounding="ROUND_CEILING"))
@@ -216,8 +224,9 @@ def take_hold(
         # RapidAPI bills the marketplace caller: no hold, the call is metered only.
         return Hold(True, 0, requested or price.max_output_tokens, 0)
     # Without max_tokens a small balance would silently cut the answer to a few tokens: hold at
-    # least a useful floor, or answer 402 saying what that needs.
-    floor = 1 if requested else min(m.min_output_tokens, price.max_output_tokens)
+    # least a useful floor (plus the thinking budget a reasoning request spends first), or answer
+    # 402 saying what that needs.
+    floor = 1 if requested else min(m.min_output_tokens + reasoning_tokens, price.max_output_tokens)
     hold = m.ledger.hold(
         caller.account_id, request_id, fixed, per_token, requested or 0, price.max_output_tokens, min_tokens=floor
     )
@@ -285,12 +294,14 @@ def namespaced_id(account_id: int, value: str, limit: int) -> str:
 
 def _adapter_check(
     provider: ChatProvider, price: ModelPrice, req: ChatCompletionRequest, messages: list[dict], extra: dict
-) -> int:
-    """The adapter's own checks (its provider's rules, data in the price table) and the prompt
-    tokens of the parts only it can bound (media), before anything is held. See ``ChatProvider``."""
+) -> tuple[int, int]:
+    """The adapter's own checks (its provider's rules, data in the price table) before anything is
+    held; returns the prompt tokens of the parts only it can bound (media) and the thinking budget
+    the request asks for (output tokens spent before the answer). See ``ChatProvider``."""
     check = getattr(provider, "check", None)
-    if check is None:
-        return 0
+    reasoning = getattr(provider, "reasoning_tokens", None)
+    if check is None and reasoning is None:
+        return 0, 0
     draft = ChatCall(
         model=price.upstream_model,
         messages=messages,
@@ -302,7 +313,7 @@ def _adapter_check(
         extra=extra,
         rules=price.rules,
     )
-    return check(draft)
+    return (check(draft) if check else 0), (reasoning(draft) if reasoning else 0)
 
 
 def _unsupported(name: str, message: str) -> InvalidRequest:

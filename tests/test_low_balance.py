@@ -57,3 +57,18 @@ def test_the_floor_is_a_setting(app, live_server, upstream):
     sdk(live_server, tenant.key).chat.completions.create(model="openai/gpt-4o-mini", messages=MESSAGES)
     assert 100 <= sent_limit(upstream) < 1024
     assert_invariant(app)
+
+
+def test_a_thinking_request_without_max_tokens_needs_its_budget_on_top_of_the_floor(app, live_server, upstream):
+    """reasoning_effort "low" is a 2,048-token thinking budget on Anthropic: the floor becomes 1,024 + 2,048."""
+    # claude-haiku-4-5 output: $5 per 1M × 1.8 ÷ $0.01 = 900 µcr a token; 2,000 tokens ≈ 1.8 credits.
+    tenant = make_tenant("2")
+    with pytest.raises(openai.APIStatusError) as raised:
+        sdk(live_server, tenant.key).chat.completions.create(
+            model="anthropic/claude-haiku-4-5", messages=MESSAGES, reasoning_effort="low"
+        )
+    assert raised.value.status_code == 402 and "at least 3,072 output tokens" in raised.value.body["message"]
+    assert upstream.requests == []
+    # Without thinking the same balance affords the plain floor.
+    sdk(live_server, tenant.key).chat.completions.create(model="anthropic/claude-haiku-4-5", messages=MESSAGES)
+    assert_invariant(app)

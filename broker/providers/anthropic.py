@@ -123,6 +123,10 @@ class AnthropicProvider:
                     tokens += _pdf_pages(block["source"]["data"]) * PDF_PAGE_TOKENS
         return tokens
 
+    def reasoning_tokens(self, call: ChatCall) -> int:
+        """The thinking budget ``reasoning_effort`` asks for (spent before the answer)."""
+        return THINKING_BUDGETS.get(str(call.extra.get("reasoning_effort")), 0)
+
     def complete(self, call: ChatCall) -> ChatResult:
         response = self._post(_body(call, stream=False), stream=False)
         data = c.read_json(self.name, response)

@@ -159,6 +159,8 @@ class ChatProvider(Protocol):
     ``InvalidRequest`` for what the provider's rules (``call.rules``) forbid and returns the
     prompt tokens of parts only it can bound (media by the provider's token rules), added to
     the hold's bound. ``call.max_tokens`` is then the requested (or the model's) maximum.
+    And ``reasoning_tokens(call) -> int``: the thinking budget the request asks for, which a call
+    without ``max_tokens`` must be able to afford on top of ``MIN_OUTPUT_TOKENS`` (else 402).
     """
 
     name: str

@@ -96,6 +96,11 @@ class GeminiProvider:
         _body(call)
         return t.media_token_bound(call.messages, call.rules)
 
+    def reasoning_tokens(self, call: ChatCall) -> int:
+        """The thinking budget ``reasoning_effort`` asks for on models with budgets (levels have none)."""
+        budgets = c.as_dict(c.as_dict(call.rules.get("thinking")).get("budgets"))
+        return int(budgets.get(str(call.extra.get("reasoning_effort")), 0))
+
     def complete(self, call: ChatCall) -> ChatResult:
         response = self._post(call.model, ":generateContent", _body(call), stream=False)
         data = c.read_json(self.name, response)
