@@ -83,7 +83,7 @@ def test_keys_page_fits_a_phone_and_creating_a_key_with_an_expiry_is_quiet(live_
     assert "It expires on" in page.locator(".card.secret").inner_text()
     row = page.locator("tr", has_text="phone key")
     assert row.locator("td[data-label=Expires]").inner_text() != "never"
-    page.wait_for_function("document.activeElement && document.activeElement.tagName === 'H2'")
+    page.wait_for_function("() => document.activeElement && document.activeElement.tagName === 'H2'")
     assert focused_text(page).startswith("Your new key")
     assert no_sideways_scroll(page)
     shot(page, "keys-phone-created")
@@ -103,7 +103,7 @@ def test_saving_limits_confirms_and_a_refused_value_shows_the_servers_error(live
     notice.wait_for()
     assert "Limits saved" in notice.inner_text()
     assert "5/min" in page.locator(f"{row} td[data-label=Limits]").inner_text()
-    page.wait_for_function("document.activeElement && document.activeElement.dataset.testid === 'keys-notice'")
+    page.wait_for_function("() => document.activeElement && document.activeElement.dataset.testid === 'keys-notice'")
     assert_clean(page, watch)
 
     page.click(f"{row} summary")
@@ -115,7 +115,7 @@ def test_saving_limits_confirms_and_a_refused_value_shows_the_servers_error(live
     error.wait_for()
     assert "spend cap" in error.inner_text().lower()
     assert page.locator(f"#cap-{tenant.key_id}").get_attribute("aria-invalid") == "true"
-    page.wait_for_function(f"document.activeElement && document.activeElement.id === 'cap-{tenant.key_id}'")
+    page.wait_for_function(f"() => document.activeElement && document.activeElement.id === 'cap-{tenant.key_id}'")
     assert page.locator("[data-testid=keys-notice]").count() == 0
     shot(page, "keys-limit-refused")
     assert_clean(page, watch)
@@ -261,7 +261,7 @@ def test_a_queued_job_is_canceled_by_clicking_and_its_hold_comes_back(live_serve
     row = f"#job-{job['id']}"
     page.click(f"{row} button:has-text('Cancel')")
     page.wait_for_selector(f"{row} [data-testid=job-status]:text-is('canceled')")
-    page.wait_for_function("document.activeElement && document.activeElement.dataset.testid === 'job-notice'")
+    page.wait_for_function("() => document.activeElement && document.activeElement.dataset.testid === 'job-notice'")
     assert "held credits are back" in page.locator(f"{row} [data-testid=job-notice]").inner_text()
     assert page.locator(f"{row}[hx-get]").count() == 0
     assert balance(live_server, tenant) == before
