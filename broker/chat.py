@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 MESSAGE_OVERHEAD_TOKENS = 8
 REQUEST_OVERHEAD_TOKENS = 16
-IMAGE_TOKEN_BOUND = 2000
+IMAGE_TOKEN_BOUND = pricing.IMAGE_TOKEN_BOUND  # a model may bound its images higher (its adapter's check)
 # Tool definitions and a response format are rendered into the prompt with some framing
 # around their JSON (a namespace, a type line): a generous allowance per definition.
 DEFINITION_OVERHEAD_TOKENS = 32

@@ -122,6 +122,17 @@ def chat_cost_usd(price: ModelPrice, usage: Usage) -> Decimal:
     return total / MILLION
 
 
+# An input image is held at this many prompt tokens, unless its model's price-table rules say
+# it can cost more (``image_tokens_max``: gpt-4o-mini bills one high-detail image at up to
+# 2,833 + 8 × 5,667 tokens; the patch-based minis and nanos at 1,536 patches × 1.62 or 2.46).
+IMAGE_TOKEN_BOUND = 2000
+
+
+def image_token_bound(rules: dict) -> int:
+    """The most prompt tokens one input image can cost on a model with these price-table rules."""
+    return max(IMAGE_TOKEN_BOUND, int(rules.get("image_tokens_max", 0)))
+
+
 def image_cost_usd(price: ModelPrice, usage: ImageUsage) -> Decimal:
     """Provider cost of an image generation from its usage report."""
     total = (

@@ -257,7 +257,7 @@ def start(m: Metering, r: redis.Redis, caller: Caller, req: ResponsesRequest, re
         + pricing.text_token_bound(json.dumps(priced_part))
         + items * chat.MESSAGE_OVERHEAD_TOKENS
         + len(req.tools or []) * chat.DEFINITION_OVERHEAD_TOKENS
-        + images * chat.IMAGE_TOKEN_BOUND
+        + images * pricing.image_token_bound(price.rules)
         + context
     )
     fixed = int((bound * price.max_input_rate * m.markup / m.credit_usd).to_integral_value(rounding="ROUND_CEILING"))

@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 import requests
 
+from broker import pricing
 from broker.errors import NotFound, UpstreamError, UpstreamStreamBroken
 from broker.providers import _common as c
 from broker.providers import registry
@@ -82,6 +83,19 @@ class OpenAIProvider:
         self._api_key = api_key
         self._session = session
         self._timeout = timeout
+
+    def check(self, call: ChatCall) -> int:
+        """The prompt tokens images cost beyond the broker's generic per-image bound, on models
+        whose price-table rules bound them higher (``image_tokens_max``)."""
+        surplus = pricing.image_token_bound(call.rules) - pricing.IMAGE_TOKEN_BOUND
+        images = sum(
+            1
+            for message in call.messages
+            if isinstance(message.get("content"), list)
+            for part in message["content"]
+            if isinstance(part, dict) and part.get("type") == "image_url"
+        )
+        return surplus * images
 
     def complete(self, call: ChatCall) -> ChatResult:
         response = self._post(_body(call, stream=False), stream=False)
