@@ -40,7 +40,7 @@ GRANT_CREDITS = "1000000"
 TERMINAL = ("succeeded", "failed", "canceled")
 RQ_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
 HTTP_TIMEOUT = 30.0
-SIMPLE_WORKER = "import sys, rq, worker; worker.Worker = rq.SimpleWorker; sys.exit(worker.main())"
+FORK_WORKER = "import sys, rq, worker; worker.WORKER_CLASS = rq.Worker; sys.exit(worker.main())"
 # Production forces HTTPS (Talisman); gunicorn trusts this header from 127.0.0.1, as from a TLS proxy.
 PROXY_HEADERS = {"X-Forwarded-Proto": "https"}
 
@@ -227,6 +227,15 @@ class Api:
                 return jobs
             params["cursor"] = page["next_cursor"]
 
+    def wait_ended(self, job_id: str, timeout: float) -> None:
+        """Until the job is terminal (or ``timeout`` passed), looking every 20 ms."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            response = self.session.get(f"{self.base}/v1/jobs/{job_id}", headers=self.headers, timeout=HTTP_TIMEOUT)
+            if response.status_code != 200 or response.json()["status"] in TERMINAL:
+                return
+            time.sleep(0.02)
+
     def cancel(self, job_id: str) -> int:
         response = self.session.delete(f"{self.base}/v1/jobs/{job_id}", headers=self.headers, timeout=HTTP_TIMEOUT)
         return response.status_code
@@ -372,8 +381,8 @@ class Bench:
         assert self.rds is not None
         workers = []
         command = [sys.executable, str(ROOT / "worker.py")]
-        if self.args.worker_kind == "simple":  # diagnostic: worker.py's main with RQ's non-forking worker
-            command = [sys.executable, "-c", SIMPLE_WORKER]
+        if self.args.worker_kind == "fork":  # comparison: worker.py's main with RQ's forking worker
+            command = [sys.executable, "-c", FORK_WORKER]
         for n in range(count):
             proc = start_proc(
                 f"worker {n + 1}",
@@ -461,13 +470,16 @@ class Bench:
                         job_id = response.json().get("id") if response.status_code == 202 else None
                         error = "" if job_id else response.text[:200]
                         sub = Submission(started, latency, response.status_code, job_id, error)
+                        if job_id and self.args.idle:
+                            api.wait_ended(job_id, HTTP_TIMEOUT)  # the queue is idle at each submit
                     except requests.RequestException as exc:
                         sub = Submission(started, time.perf_counter() - t0, 0, None, repr(exc)[:200])
                     with lock:
                         result.submissions.append(sub)
 
             deadline = time.monotonic() + self.args.phase_timeout
-            threads = [threading.Thread(target=submitter, daemon=True) for _ in range(self.args.clients)]
+            clients = 1 if self.args.idle else self.args.clients
+            threads = [threading.Thread(target=submitter, daemon=True) for _ in range(clients)]
             for thread in threads:
                 thread.start()
             try:
@@ -682,6 +694,10 @@ def print_table(summaries: list[Summary], latency: float) -> None:
     row("submit rate, jobs/s", lambda s: fmt(s.submit_rate, ".0f"))
     row("POST /v1/tts latency p50 / p99, ms", lambda s: pair(s.submit_ms, ".1f"))
     row("submit->running p50 / p99, s", lambda s: pair(s.to_running, ".2f"))
+    row(
+        "submit->running p50 / p99, ms",
+        lambda s: pair(tuple(None if v is None else v * 1000 for v in s.to_running), ".0f"),
+    )
     row("submit->succeeded p50 / p99, s", lambda s: pair(s.to_succeeded, ".2f"))
     row("per job, medians (RQ + job timestamps):", lambda s: "")
     row("  cycle per worker (start to next start), ms", lambda s: fmt(s.cycle_ms, ".0f"))
@@ -750,9 +766,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--worker-kind",
         choices=("fork", "simple"),
-        default="fork",
-        help="fork: python worker.py (RQ forks a work horse per job, the default); simple: the same main() "
-        "with rq.SimpleWorker, jobs in the worker process (diagnostic, to price the fork)",
+        default="simple",
+        help="simple: python worker.py (rq.SimpleWorker, jobs in the worker process, the default); fork: the same "
+        "main() with rq.Worker, a work horse forked per job (the worker before issue 14, to price the fork)",
+    )
+    parser.add_argument(
+        "--idle",
+        action="store_true",
+        help="job overhead with the queue idle: one client submits each job only after the previous one ended "
+        "(read 'submit->running p50, ms'; target <= 50 ms)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database) for inspection")
     return parser.parse_args(argv)
@@ -783,7 +805,11 @@ def main(argv: list[str] | None = None) -> int:
                 bench.start()
                 print(
                     f"web: {bench.web_describe}; workers: "
-                    + ("python worker.py (RQ, fork per job); " if args.worker_kind == "fork" else "SimpleWorker; ")
+                    + (
+                        "rq.Worker (fork per job); "
+                        if args.worker_kind == "fork"
+                        else "python worker.py (SimpleWorker); "
+                    )
                     + f"fake upstream latency {args.latency:g} s; {args.clients} client threads; "
                     f"{psutil.cpu_count()} CPUs\n",
                     flush=True,

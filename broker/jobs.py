@@ -39,15 +39,18 @@ def flush_key_usage() -> int:
         svc.db.remove()
 
 
-def run_media_job(job_id: str) -> str:
-    """Run one media job (enqueued by name by the API); RQ retries it while this raises."""
+def run_media_job(job_id: str, recheck: str | None = None) -> str:
+    """Run one media job (enqueued by name by the API), or one scheduled re-check of a waiting
+    music job (``recheck``: the lease it was scheduled with); RQ retries it while this raises."""
     from rq import get_current_job
 
     svc = services()
     rq_job = get_current_job()
-    final = rq_job is None or not rq_job.retries_left
+    retries_left = (rq_job.retries_left or 0) if rq_job is not None else 0
     try:
-        return media.run(svc.media, svc.db(), job_id, final_attempt=final)
+        return media.run(
+            svc.media, svc.db(), job_id, final_attempt=not retries_left, recheck=recheck, retries_left=retries_left
+        )
     finally:
         svc.db.remove()
 

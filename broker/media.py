@@ -244,7 +244,8 @@ def submit(
             job.id,
             job_id=job.id,
             retry=Retry(max=len(ctx.retry_intervals), interval=ctx.retry_intervals),
-            job_timeout=ctx.lease_seconds + (ctx.music_max_wait if job_type == "music" else 0),
+            # A music job's waits between polls are scheduled re-checks, not slept: one run is short.
+            job_timeout=ctx.lease_seconds,
             result_ttl=3600,
             failure_ttl=7 * 86400,
         )
@@ -463,10 +464,24 @@ def _set_status(session: Session, job_id: str, expected: tuple[str, ...], new: s
     return result.rowcount == 1
 
 
-def _claim(ctx: MediaContext, session: Session, job_id: str) -> Job | None:
-    """queued → running, or take over a running job whose lease ran out; None if not ours to run."""
+def _claim(ctx: MediaContext, session: Session, job_id: str, recheck: str | None = None) -> Job | None:
+    """queued → running, or take over a running job whose lease ran out; None if not ours to run.
+
+    ``recheck`` is the lease a waiting music job set when it scheduled its next poll: only
+    the re-check carrying it takes the job (renewing its lease), so a duplicate delivery of
+    an earlier re-check finds the lease moved on and skips.
+    """
     now = _now()
     lease = now + timedelta(seconds=ctx.lease_seconds)
+    if recheck is not None:
+        taken = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "running", Job.lease_until == datetime.fromisoformat(recheck))
+            .values(lease_until=lease)
+        )
+        session.commit()
+        if taken.rowcount == 1:
+            return session.get(Job, job_id)
     result = session.execute(
         update(Job)
         .where(Job.id == job_id)
@@ -479,15 +494,29 @@ def _claim(ctx: MediaContext, session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
-def run(ctx: MediaContext, session: Session, job_id: str, final_attempt: bool) -> str:
-    """Run one job; returns its outcome. Raises only to ask RQ for a retry."""
-    job = _claim(ctx, session, job_id)
+def run(
+    ctx: MediaContext,
+    session: Session,
+    job_id: str,
+    final_attempt: bool,
+    recheck: str | None = None,
+    retries_left: int = 0,
+) -> str:
+    """Run one job (or one re-check of a waiting music job); returns its outcome.
+
+    Raises only to ask RQ for a retry. ``recheck`` and ``retries_left`` carry a music
+    job's state from one scheduled poll to the next (see ``_run_music``).
+    """
+    job = _claim(ctx, session, job_id, recheck)
     if job is None:
         return "skipped"
     price = ctx.prices.models[job.model]
     params = json.loads(job.params)
     try:
-        files, cost, detail = _generate(ctx, session, job, price, params)
+        generated = _generate(ctx, session, job, price, params, retries_left)
+        if generated is None:
+            return "waiting"
+        files, cost, detail = generated
     except UpstreamRejected as error:
         _fail(ctx, session, job, price, error)
         return "failed"
@@ -544,8 +573,8 @@ def _signal(ctx: MediaContext, job_id: str, status: str) -> None:
 
 
 def _generate(
-    ctx: MediaContext, session: Session, job: Job, price: ModelPrice, params: dict
-) -> tuple[list[MediaFile], Decimal, dict]:
+    ctx: MediaContext, session: Session, job: Job, price: ModelPrice, params: dict, retries_left: int = 0
+) -> tuple[list[MediaFile], Decimal, dict] | None:
     if job.type == "tts":
         result = ctx.speech[price.provider].synthesize(
             price.upstream_model,
@@ -586,36 +615,65 @@ def _generate(
             "estimated": False,
         }
         return result.images, pricing.image_cost_usd(price, usage), detail
-    return _run_music(ctx, session, job, price, params)
+    return _run_music(ctx, session, job, price, params, retries_left)
 
 
 def _run_music(
-    ctx: MediaContext, session: Session, job: Job, price: ModelPrice, params: dict
-) -> tuple[list[MediaFile], Decimal, dict]:
-    """Submit once (the task id is kept, so a retry polls instead of paying twice), poll, download."""
+    ctx: MediaContext, session: Session, job: Job, price: ModelPrice, params: dict, retries_left: int
+) -> tuple[list[MediaFile], Decimal, dict] | None:
+    """Submit once (the task id is kept, so a retry polls instead of paying twice), poll once, download.
+
+    A task still running is re-checked by a job scheduled ``music_poll_seconds`` on (RQ's
+    scheduler enqueues it), so no worker is held while the vendor works; returns None then.
+    The job stays ``running`` meanwhile, its lease set past the re-check's due time, so the
+    stuck-job check finishes it only if the re-check never comes. The deadline counts from
+    ``started_at``, which only a fresh claim sets.
+    """
     provider = ctx.music[price.provider]
     if not job.upstream_task_id:
         job.upstream_task_id = provider.submit(
             price.upstream_model, params["prompt"], params["lyrics"], params["style"], params["instrumental"]
         )
         session.commit()
-    deadline = time.monotonic() + ctx.music_max_wait
-    while True:
-        task = provider.poll(job.upstream_task_id)
-        job.progress = task.progress
-        job.lease_until = _now() + timedelta(seconds=ctx.lease_seconds)
-        session.commit()
-        if task.status == "succeeded":
-            break
-        if task.status == "failed":
-            raise UpstreamRejected(
-                f"The music generation failed: {task.error or 'no reason given'}.", code="generation_failed"
-            )
-        if time.monotonic() > deadline:
+    task = provider.poll(job.upstream_task_id)
+    job.progress = task.progress
+    session.commit()
+    if task.status == "failed":
+        raise UpstreamRejected(
+            f"The music generation failed: {task.error or 'no reason given'}.", code="generation_failed"
+        )
+    if task.status != "succeeded":
+        if _now() > as_utc(job.started_at) + timedelta(seconds=ctx.music_max_wait):
             raise UpstreamTimeout("The music generation did not finish in time.")
-        time.sleep(ctx.music_poll_seconds)
+        _schedule_recheck(ctx, session, job, retries_left)
+        return None
     files = [provider.download(url) for url in task.clip_urls]
     return files, price.usd_per_generation, {"clips": len(files), "task_id": job.upstream_task_id}
+
+
+def _schedule_recheck(ctx: MediaContext, session: Session, job: Job, retries_left: int) -> None:
+    """Lease the job past its next poll, then have RQ's scheduler run that poll when due.
+
+    The lease is written first: if the enqueue fails, the job is one whose worker died
+    (the stuck-job check releases it once the lease runs out). The re-check carries the
+    RQ retries this run had left, so transient failures get the same budget as one run.
+    """
+    lease = _now() + timedelta(seconds=ctx.music_poll_seconds + ctx.lease_seconds)
+    job.lease_until = lease
+    session.commit()
+    retry = None
+    if retries_left > 0:
+        retry = Retry(max=retries_left, interval=ctx.retry_intervals[-retries_left:])
+    ctx.queue.enqueue_in(
+        timedelta(seconds=ctx.music_poll_seconds),
+        "broker.jobs.run_media_job",
+        job.id,
+        lease.isoformat(),
+        retry=retry,
+        job_timeout=ctx.lease_seconds,
+        result_ttl=3600,
+        failure_ttl=7 * 86400,
+    )
 
 
 def _receipt(ctx: MediaContext, job: Job, price: ModelPrice, status: str, cost: Decimal, detail: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -119,6 +120,102 @@ def test_music_job_polls_the_unofficial_api_and_stores_both_clips(app, client, t
         content = client.get(f"/v1/jobs/{done['id']}/content?index={index}", headers=tenant.headers)
         assert content.data == fake_clip(clip_id)
     assert_invariant(app)
+
+
+MUSIC = {"model": "suno/V4_5ALL", "prompt": "a slow string quartet", "instrumental": True}
+
+
+def test_a_waiting_music_job_holds_no_worker_and_is_charged_once(app, client, tenant, upstream, worker):
+    # Three polls a stage: at least ten polls, each re-check a job RQ's scheduler enqueues when due.
+    upstream.queue(Reply(suno_polls_per_stage=3))
+    start = balance(app, tenant)
+    music = client.post("/v1/music", json=MUSIC, headers=tenant.headers).json
+    poll(client, tenant, music["id"], until=("running",))
+    # The one worker is not in a poll loop: a TTS job submitted now runs (and ends) before the music job.
+    upstream.queue(Reply(character_cost=12))
+    tts = client.post(
+        "/v1/tts",
+        json={"model": "elevenlabs/eleven_flash_v2_5", "text": "meanwhile", "voice_id": "v1"},
+        headers=tenant.headers,
+    ).json
+    tts_done = poll(client, tenant, tts["id"])
+    assert tts_done["status"] == "succeeded"
+    waiting = client.get(f"/v1/jobs/{music['id']}", headers=tenant.headers).json
+    assert waiting["status"] == "running"
+    # Cancel still refuses a running job (the vendor is already paid) and changes nothing.
+    refused = client.delete(f"/v1/jobs/{music['id']}", headers=tenant.headers)
+    assert refused.status_code == 409
+    done = poll(client, tenant, music["id"], timeout=60)
+    assert done["status"] == "succeeded" and len(done["results"]) == 2
+    assert tts_done["finished_at"] < done["finished_at"]
+    want = ucr(Decimal("0.06"))
+    assert done["cost_credits"] == credits(want)
+    assert start - balance(app, tenant) == want + int(Decimal(tts_done["cost_credits"]) * 1_000_000)
+    polls = [r for r in upstream.requests if r.provider == "suno" and "record-info" in r.path]
+    assert len(polls) >= 10
+    assert len([r for r in upstream.requests if r.provider == "suno" and r.path.endswith("/generate")]) == 1
+    assert _settles(app, tenant, done["request_id"]) == ["hold", "settle"]
+    assert_invariant(app)
+
+
+def test_a_music_job_whose_worker_died_while_waiting_is_released_once(app, client, tenant, upstream, worker):
+    upstream.queue(Reply(suno_polls_per_stage=1000))  # never finishes
+    start = balance(app, tenant)
+    music = client.post("/v1/music", json=MUSIC, headers=tenant.headers).json
+    svc = app.extensions["broker"]
+    session = svc.db()
+    deadline = time.time() + 30
+    while not [r for r in upstream.requests if r.provider == "suno" and "record-info" in r.path]:
+        assert time.time() < deadline, "the music job never polled"
+        time.sleep(0.1)
+    worker.kill()  # the scheduled re-check is never run
+    session.commit()
+    job = session.get(Job, music["id"])
+    session.refresh(job)
+    assert job.status == "running" and job.upstream_task_id
+    token = media.as_utc(job.lease_until).isoformat()
+    # The stuck-job check leaves it while its lease (past the re-check's due time) runs...
+    assert media.finish_stuck(svc.media, session) == []
+    deadline = time.time() + 30
+    while not media.finish_stuck(svc.media, session):
+        assert time.time() < deadline, "the stuck-job check never finished the job"
+        time.sleep(0.2)
+    done = client.get(f"/v1/jobs/{music['id']}", headers=tenant.headers).json
+    assert done["status"] == "failed" and done["error"]["type"] == "worker_lost"
+    assert balance(app, tenant) == start
+    # ... and the re-check, delivered late, changes nothing.
+    assert media.run(svc.media, session, music["id"], final_attempt=True, recheck=token) == "skipped"
+    assert balance(app, tenant) == start
+    assert _settles(app, tenant, done["request_id"]) == ["hold", "release"]
+    assert_invariant(app)
+
+
+def test_a_duplicate_music_recheck_is_skipped(app, client, tenant, upstream, worker):
+    upstream.queue(Reply(suno_polls_per_stage=1000))  # never finishes
+    music = client.post("/v1/music", json=MUSIC, headers=tenant.headers).json
+    svc = app.extensions["broker"]
+    session = svc.db()
+    deadline = time.time() + 30
+    polls = []
+    while len(polls) < 2:
+        assert time.time() < deadline, "the music job was not re-checked"
+        time.sleep(0.1)
+        polls = [r for r in upstream.requests if r.provider == "suno" and "record-info" in r.path]
+    worker.kill()
+    # A token the job's lease has moved past (an earlier re-check, delivered twice) takes nothing.
+    stale = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    assert media.run(svc.media, session, music["id"], final_attempt=True, recheck=stale) == "skipped"
+    session.commit()
+    job = session.get(Job, music["id"])
+    session.refresh(job)
+    assert job.status == "running" and job.attempts == 1
+    before = len([r for r in upstream.requests if "record-info" in r.path])
+    # The current token polls once more and schedules the next re-check with a new lease.
+    token = media.as_utc(job.lease_until).isoformat()
+    assert media.run(svc.media, session, music["id"], final_attempt=True, recheck=token) == "waiting"
+    assert len([r for r in upstream.requests if "record-info" in r.path]) == before + 1
+    assert media.run(svc.media, session, music["id"], final_attempt=True, recheck=token) == "skipped"
+    assert len([r for r in upstream.requests if "record-info" in r.path]) == before + 1
 
 
 def test_upstream_500_on_every_try_fails_the_job_and_releases_the_hold(app, client, tenant, upstream, worker):
