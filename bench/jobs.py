@@ -1,4 +1,4 @@
-"""Measure media-job (TTS) throughput and latency through the web app, RQ and 1 then 2 worker processes."""
+"""Measure media-job throughput and latency (TTS, optionally with music) through the web app, RQ and 1, 2 workers."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ from broker.embedded_redis import free_port  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 MODEL = "elevenlabs/eleven_flash_v2_5"
+MUSIC_MODEL = "suno/V4_5ALL"  # the fake Suno answers 4 polls (one a stage) before the clips
+MUSIC_POLL_SECONDS = 1
 VOICE_ID = "JBFqnCBsd6RMkjVDRZzb"
 TEXT = "The quick brown fox jumps over the lazy dog, twice: the quick brown fox jumps over the lazy dog."
 EMAIL = "bench-jobs@example.com"
@@ -211,6 +213,10 @@ class Api:
         body = {"model": MODEL, "text": TEXT, "voice_id": VOICE_ID, "output_format": "mp3_44100_128"}
         return self.session.post(f"{self.base}/v1/tts", json=body, headers=self.headers, timeout=HTTP_TIMEOUT)
 
+    def submit_music(self) -> requests.Response:
+        body = {"model": MUSIC_MODEL, "prompt": "a bench tune", "instrumental": True}
+        return self.session.post(f"{self.base}/v1/music", json=body, headers=self.headers, timeout=HTTP_TIMEOUT)
+
     def list_jobs(self, status: str | None = None, stop_when: Callable[[list[dict]], bool] | None = None) -> list[dict]:
         """Every job of the account (optionally of one status), newest first, following the cursor."""
         params: dict[str, str | int] = {"limit": 100}
@@ -270,6 +276,10 @@ class PhaseResult:
     busy_pct: float = 0.0
     other_pct: float = 0.0
     canceled_by_bench: int = 0
+    music_ids: list[str] = field(default_factory=list)
+    music_submit_errors: int = 0
+    music_started: float = 0.0
+    music_records: list[dict] = field(default_factory=list)
 
 
 class Bench:
@@ -333,6 +343,9 @@ class Bench:
             "ELEVENLABS_API_KEY": "xi-bench-anything",
             "OPENAI_BASE_URL": fake_url + "/v1",
             "OPENAI_API_KEY": "sk-bench-anything",
+            "SUNO_BASE_URL": fake_url,
+            "SUNO_API_KEY": "suno-bench-anything",
+            "MUSIC_POLL_SECONDS": str(MUSIC_POLL_SECONDS),
             "LOG_LEVEL": self.args.log_level,
             "PORT": str(web_port),
         }
@@ -453,6 +466,8 @@ class Bench:
                 box_busy(),
                 time.monotonic(),
             )
+            if self.args.music:
+                self._submit_music(result)
             counter = itertools.count()
             lock = threading.Lock()
             stop = threading.Event()
@@ -488,6 +503,8 @@ class Bench:
                 stop.set()
                 for thread in threads:
                     thread.join(timeout=HTTP_TIMEOUT + 5)
+            if self.args.music and not result.aborted:
+                self._wait_music(result, deadline)
             if result.aborted:
                 self._cancel_leftovers(result)
             result.cpu_worker_s = tree_cpu(worker_pids) - cpu_w0
@@ -529,6 +546,28 @@ class Bench:
             if time.monotonic() - last_note > 5:
                 print(f"  {submitted} submitted, {len(ids) - len(pending)} finished", flush=True)
                 last_note = time.monotonic()
+
+    def _submit_music(self, result: PhaseResult) -> None:
+        """Music jobs first: each waits for the fake Suno through re-checks RQ's scheduler enqueues."""
+        assert self.api is not None
+        result.music_started = time.time()
+        for _ in range(self.args.music):
+            response = self.api.submit_music()
+            if response.status_code == 202:
+                result.music_ids.append(response.json()["id"])
+            else:
+                result.music_submit_errors += 1
+
+    def _wait_music(self, result: PhaseResult, deadline: float) -> None:
+        assert self.api is not None
+        ids = set(result.music_ids)
+        while time.monotonic() < deadline:
+            jobs = [j for j in self.api.list_jobs() if j["id"] in ids]
+            if all(j["status"] in TERMINAL for j in jobs) and len(jobs) == len(ids):
+                result.music_records = jobs
+                return
+            time.sleep(0.5)
+        result.aborted = f"aborted after {self.args.phase_timeout:g} s: music jobs not finished"
 
     def _cancel_leftovers(self, result: PhaseResult) -> None:
         """Cancel this phase's still-queued jobs (releasing their holds) so the next phase starts clean."""
@@ -584,6 +623,7 @@ class Summary:
     housekeeping_drain_s: float | None
     aborted: str
     errors: dict[str, int]
+    music: str = ""
 
 
 def summarize(result: PhaseResult, latency: float) -> Summary:
@@ -663,6 +703,25 @@ def summarize(result: PhaseResult, latency: float) -> Summary:
         housekeeping_drain_s=result.housekeeping_drain_s,
         aborted=result.aborted,
         errors=errors,
+        music=summarize_music(result),
+    )
+
+
+def summarize_music(result: PhaseResult) -> str:
+    """One line: how the music jobs ended and how long they took, against holding a worker each."""
+    if not result.music_ids:
+        return ""
+    records = result.music_records
+    ok = [r for r in records if r["status"] == "succeeded"]
+    done = present([seconds(parse_time(r["finished_at"]), parse_time(r["created_at"])) for r in ok])
+    last = max((parse_time(r["finished_at"]).timestamp() for r in ok), default=None)
+    span = f"{last - result.music_started:.1f} s" if last else "-"
+    return (
+        f"{len(result.music_ids)} music jobs (submit errors {result.music_submit_errors}): "
+        f"{len(ok)} succeeded, {len(records) - len(ok)} not; submit->succeeded p50 / max "
+        f"{fmt(pct(done, 50))} / {fmt(max(done, default=None))} s; all done {span} after the first submit "
+        f"(each polled 4 times, {MUSIC_POLL_SECONDS} s apart: a worker held per job would need about "
+        f"{len(result.music_ids) * 3 * MUSIC_POLL_SECONDS / result.workers:.0f} s)"
     )
 
 
@@ -728,6 +787,9 @@ def print_table(summaries: list[Summary], latency: float) -> None:
         line = f"{label:<{width}}  " + "  ".join(f"{v:>{c}}" for v, c in zip(values, cols, strict=True))
         print(line + (f"  {r:>6}" if r else ""))
     for s in summaries:
+        if s.music:
+            print(f"{s.workers} worker(s): {s.music}")
+    for s in summaries:
         if s.aborted:
             print(f"{s.workers} worker(s): {s.aborted}")
         if s.errors:
@@ -776,6 +838,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="job overhead with the queue idle: one client submits each job only after the previous one ended "
         "(read 'submit->running p50, ms'; target <= 50 ms)",
     )
+    parser.add_argument(
+        "--music",
+        type=int,
+        default=0,
+        help="music jobs submitted at the start of each phase, before the TTS jobs (fake Suno: 4 polls "
+        f"{MUSIC_POLL_SECONDS} s apart); they wait in scheduled re-checks, not in a worker",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database) for inspection")
     return parser.parse_args(argv)
 
@@ -823,6 +892,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\nflask broker reconcile: exit {reconcile.returncode}: {output}")
                 print("log warnings/errors:\n" + log_problems(work))
                 ok = reconcile.returncode == 0 and all(not s.aborted and s.succeeded == s.submitted for s in summaries)
+                ok = ok and all(
+                    sum(1 for r in x.music_records if r["status"] == "succeeded") == args.music for x in results
+                )
                 return 0 if ok else 1
             except BenchError as error:
                 print(f"\nbench failed: {error}", file=sys.stderr)
