@@ -1,4 +1,10 @@
-"""Measure what the broker adds (latency, throughput, CPU per request) in front of a fast fake upstream."""
+"""Measure what the broker adds (latency, throughput, CPU per request) in front of a fast fake upstream.
+
+Three targets in one run: ``direct`` (wrk to the fake upstream), ``bare`` (a pass-through with no
+auth and no metering, the floor: a plain WSGI app under the same gunicorn settings that forwards
+the body with the broker's own upstream session) and ``broker``. The targets are stated as ratios
+to the bare pass-through, with the absolute figures and the machine beside them.
+"""
 
 from __future__ import annotations
 
@@ -40,11 +46,12 @@ CONCURRENCIES = (1, 32, 128)
 MODES = ("non-stream", "stream")
 CPUS = psutil.cpu_count() or 1
 
-# The targets.
-ADDED_P50_MS = 2.0  # broker p50 minus direct p50, concurrency 1
-NON_STREAM_RPS = 600.0  # concurrency 32
-STREAM_RPS = 400.0  # concurrency 32
-BROKER_CPU_MS = 1.5  # per non-stream request
+# The targets (issue 14).
+ADDED_P50_MS = 1.5  # broker p50 minus direct p50, concurrency 1
+NON_STREAM_RPS = 1000.0  # concurrency 32
+STREAM_RPS = 800.0  # concurrency 32
+CPU_RATIO = 2.0  # broker CPU per non-stream request, as a multiple of the bare pass-through's
+STREAM_CPU_MS = 1.5  # broker CPU per stream
 
 # A phase is flagged when processes other than ours used more than this share of the machine.
 NOISY_PCT = 5.0
@@ -195,6 +202,51 @@ def fake_app() -> Callable[..., Any]:
 
     delay = float(os.environ.get("BENCH_UPSTREAM_DELAY") or 0)
     return make_wsgi_app(FakeUpstream(Reply(delay=delay), record=False))
+
+
+def bare_app() -> Callable[..., Any]:
+    """The floor: forward the body to the fake upstream with the broker's own upstream session
+    (``broker.providers.http.make_session``) and relay the answer, with no auth and no metering."""
+    from broker.providers.http import make_session
+
+    session = make_session()
+    upstream = os.environ["BENCH_UPSTREAM_URL"]
+    headers = {"Authorization": "Bearer sk-bench-anything", "Content-Type": "application/json"}
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        size = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(size)
+        stream = b'"stream":true' in body
+        response = session.post(upstream, data=body, headers=headers, timeout=(5, 30), stream=stream)
+        kind = response.headers.get("Content-Type", "application/json")
+        if not stream:
+            content = response.content
+            start_response(
+                f"{response.status_code} OK", [("Content-Type", kind), ("Content-Length", str(len(content)))]
+            )
+            return iter([content])
+        start_response(f"{response.status_code} OK", [("Content-Type", kind)])
+
+        def relay() -> Iterator[bytes]:
+            try:
+                yield from response.iter_content(chunk_size=None)
+            finally:
+                response.close()
+
+        return relay()
+
+    return app
+
+
+def machine() -> str:
+    """CPU count and model, for the record beside the figures."""
+    model = "unknown CPU"
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    return f"{CPUS} CPUs ({model}), {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, {platform.platform()}"
 
 
 # --------------------------------------------------------------------------- CPU accounting
@@ -395,10 +447,15 @@ def profile_summary(path: Path, cpu_ms: float) -> str:
 # --------------------------------------------------------------------------- report
 
 
+def gateway_cpu(r: Result) -> float:
+    """CPU ms per request of the process in front of the fake (none for ``direct``)."""
+    return r.cpu_ms.get(r.target, 0.0) if r.target in ("bare", "broker") else 0.0
+
+
 def print_table(results: list[Result]) -> None:
     head = (
         f"{'target':<7} {'mode':<10} {'conc':>4} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'errors':>6} | {'broker':>6} {'fake':>5} {'redis':>5} {'wrk':>5} | {'box busy':>8} {'other':>5}"
+        f"{'errors':>6} | {'gatew.':>6} {'fake':>5} {'redis':>5} {'wrk':>5} | {'box busy':>8} {'other':>5}"
     )
     print(f"{'':<66}{'CPU ms per request':^29}")
     print(head)
@@ -408,41 +465,71 @@ def print_table(results: list[Result]) -> None:
         flag = " *" if r.other_pct > NOISY_PCT else ""
         print(
             f"{r.target:<7} {r.mode:<10} {r.concurrency:>4} {r.requests:>8} {r.rps:>7.0f} {r.p50_ms:>8.2f} "
-            f"{r.p99_ms:>8.2f} {r.errors:>6} | {c['broker']:>6.2f} {c['fake']:>5.2f} {c['redis']:>5.2f} "
+            f"{r.p99_ms:>8.2f} {r.errors:>6} | {gateway_cpu(r):>6.2f} {c['fake']:>5.2f} {c['redis']:>5.2f} "
             f"{c['wrk']:>5.2f} | {r.busy_pct:>7.0f}% {r.other_pct:>4.0f}%{flag}"
             + (f"  ({r.error_detail})" if r.errors else "")
         )
     print(
-        "box busy: share of all CPUs in use during the phase; other: the share used by processes not"
-        f" started by this bench (* above {NOISY_PCT:g} %: figures disturbed)"
+        "gatew.: the bare pass-through's or the broker's own CPU; box busy: share of all CPUs in use during"
+        f" the phase; other: the share used by processes not started by this bench (* above {NOISY_PCT:g} %:"
+        " figures disturbed)"
     )
 
 
+def _ratio(value: float, floor: float | None) -> str:
+    return f"{value / floor:.2f}x bare" if floor else "(no bare)"
+
+
 def check_targets(results: list[Result]) -> bool:
+    """Each target with the broker's figure, the same figure for the bare pass-through and their ratio."""
     by = {(r.target, r.mode, r.concurrency): r for r in results}
-    rows: list[tuple[str, str, str, bool]] = []
+    rows: list[tuple[str, str, str, str, bool]] = []  # what, broker, bare (ratio), target, ok
     for mode in MODES:
-        direct, broker = by.get(("direct", mode, 1)), by.get(("broker", mode, 1))
+        direct, broker, bare = (by.get((t, mode, 1)) for t in ("direct", "broker", "bare"))
         if direct and broker:
             added = broker.p50_ms - direct.p50_ms
-            rows.append(
-                (f"added p50, {mode}, c=1", f"{added:.2f} ms", f"<= {ADDED_P50_MS:g} ms", added <= ADDED_P50_MS)
-            )
+            bare_added = f"{bare.p50_ms - direct.p50_ms:.2f} ms" if bare else "-"
+            ok = added <= ADDED_P50_MS
+            rows.append((f"added p50, {mode}, c=1", f"{added:.2f} ms", bare_added, f"<= {ADDED_P50_MS:g} ms", ok))
     for mode, floor, unit in (("non-stream", NON_STREAM_RPS, "req/s"), ("stream", STREAM_RPS, "streams/s")):
         if r := by.get(("broker", mode, 32)):
-            rows.append((f"broker {unit}, c=32", f"{r.rps:.0f}", f">= {floor:g}", r.rps >= floor))
+            bare = by.get(("bare", mode, 32))
+            got = f"{r.rps:.0f} ({r.rps / bare.rps:.2f}x bare)" if bare else f"{r.rps:.0f}"
+            rows.append((f"{unit}, c=32", got, f"{bare.rps:.0f}" if bare else "-", f">= {floor:g}", r.rps >= floor))
     for conc in (32, 128):
         for mode in MODES:
             if r := by.get(("broker", mode, conc)):
-                rows.append((f"broker errors, {mode}, c={conc}", str(r.errors), "0", r.errors == 0))
+                bare = by.get(("bare", mode, conc))
+                rows.append(
+                    (f"errors, {mode}, c={conc}", str(r.errors), str(bare.errors) if bare else "-", "0", r.errors == 0)
+                )
     for conc in CONCURRENCIES:
-        if r := by.get(("broker", "non-stream", conc)):
-            cpu = r.cpu_ms["broker"]
-            what = f"broker CPU per non-stream request, c={conc}"
-            rows.append((what, f"{cpu:.2f} ms", f"<= {BROKER_CPU_MS:g} ms", cpu <= BROKER_CPU_MS))
-    print("\ntargets")
-    for what, got, want, ok in rows:
-        print(f"  {what:<42} {got:>10}   target {want:<10} {'PASS' if ok else 'MISS'}")
+        for mode in MODES:
+            r, bare = by.get(("broker", mode, conc)), by.get(("bare", mode, conc))
+            if r is None:
+                continue
+            cpu = gateway_cpu(r)
+            floor = gateway_cpu(bare) if bare else None
+            if mode == "non-stream":
+                ok = floor is not None and cpu <= CPU_RATIO * floor
+                want = f"<= {CPU_RATIO:g}x bare"
+            else:
+                ok = cpu <= STREAM_CPU_MS
+                want = f"<= {STREAM_CPU_MS:g} ms"
+            got = f"{cpu:.2f} ms ({_ratio(cpu, floor)})"
+            rows.append(
+                (
+                    f"CPU per {'request' if mode == 'non-stream' else 'stream'}, c={conc}",
+                    got,
+                    f"{floor:.2f} ms" if floor is not None else "-",
+                    want,
+                    ok,
+                )
+            )
+    print(f"\ntargets (machine: {machine()})")
+    print(f"  {'':<32} {'broker':>24}   {'bare':>9}   target")
+    for what, got, bare_got, want, ok in rows:
+        print(f"  {what:<32} {got:>24}   {bare_got:>9}   {want:<14} {'PASS' if ok else 'MISS'}")
     return all(ok for *_, ok in rows)
 
 
@@ -479,7 +566,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--threads", type=int, help="GUNICORN_THREADS for gthread (default: gunicorn.conf.py's)")
     add("--concurrency", default=",".join(map(str, CONCURRENCIES)), help="connection counts (default 1,32,128)")
     add("--modes", default=",".join(MODES), help="non-stream,stream (default both)")
-    add("--targets", default="direct,broker", help="direct,broker (default both)")
+    add("--targets", default="direct,bare,broker", help="direct,bare,broker (default all three)")
     add("--fake-workers", type=int, default=1, help="gevent workers of the fake upstream (default 1)")
     add("--upstream-delay", type=float, default=0.0, help="seconds the fake waits before answering (default 0)")
     add("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
@@ -556,6 +643,14 @@ def main(argv: list[str] | None = None) -> int:
                 gunicorn_args = ["--config", str(ROOT / "gunicorn.conf.py"), "--bind", "127.0.0.1:{port}"]
                 if args.worker_class:
                     gunicorn_args += ["--worker-class", args.worker_class]
+                bare = start_gunicorn(
+                    "bare pass-through",
+                    [*gunicorn_args, f"--pythonpath={ROOT},{ROOT / 'bench'}", "overhead:bare_app()"],
+                    {**env, "BENCH_UPSTREAM_URL": f"http://127.0.0.1:{fake.port}/v1/chat/completions"},
+                    work / "bare.log",
+                    "/",
+                    services,
+                )
                 broker = start_gunicorn(
                     "broker", [*gunicorn_args, "app:app"], env, work / "broker.log", "/v1/models", services
                 )
@@ -566,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
                 key = cli(env, "create-key", EMAIL, "--name", "bench").splitlines()[-1]
                 cli(env, "grant", EMAIL, GRANT_CREDITS, "--reason", "bench")
                 print(describe(broker, args))
-                return run_phases(args, work, fake, broker, redis_server, key, int(found.group(1)))
+                return run_phases(args, work, fake, bare, broker, redis_server, key, int(found.group(1)))
             except BenchError as error:
                 print(f"\nbench failed: {error}", file=sys.stderr)
                 return 1
@@ -595,6 +690,8 @@ def describe(broker: Service, args: argparse.Namespace) -> str:
         f"  worker class {worker_class.group(1) if worker_class else '?'}, {len(workers)} workers"
         + (f", GUNICORN_THREADS={args.threads}" if args.threads else "")
         + f"\nfake upstream: gunicorn gevent x{args.fake_workers}, reply delay {args.upstream_delay:g} s"
+        f"\nbare pass-through: the same gunicorn settings, broker.providers.http.make_session()"
+        f"\nmachine: {machine()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
         f"\nload: {' '.join(wrk_version)}, {args.wrk_threads} thread(s); {CPUS} CPUs;"
         f" Python {platform.python_version()}; {args.duration:g} s per phase\n"
     )
@@ -604,6 +701,7 @@ def run_phases(
     args: argparse.Namespace,
     work: Path,
     fake: Service,
+    bare: Service,
     broker: Service,
     redis_server: Any,
     key: str,
@@ -613,6 +711,12 @@ def run_phases(
         "direct": Target(
             "direct",
             f"http://127.0.0.1:{fake.port}/v1/chat/completions",
+            "sk-bench-anything",
+            {m: request_body(False, m == "stream") for m in MODES},
+        ),
+        "bare": Target(
+            "bare",
+            f"http://127.0.0.1:{bare.port}/v1/chat/completions",
             "sk-bench-anything",
             {m: request_body(False, m == "stream") for m in MODES},
         ),
@@ -628,6 +732,7 @@ def run_phases(
     redis_pid = redis_server.process.pid
     meters: Meters = {
         "broker": lambda: tree_cpu(broker.process.pid),
+        "bare": lambda: tree_cpu(bare.process.pid),
         "fake": lambda: tree_cpu(fake.process.pid),
         "redis": lambda: tree_cpu(redis_pid),
     }

@@ -303,10 +303,11 @@ def run_stream(
     response = open_response()
     started = False
     try:
-        for event in translate(iter_sse(response)):
+        events = iter_sse(response)
+        for event in translate(events):
             started = True
             yield event
-        _finish_body(response)
+        _finish_body(events)
     except UpstreamError as exc:
         broken = isinstance(exc, UpstreamStreamBroken)
         if started and not broken:
@@ -322,14 +323,18 @@ def run_stream(
         response.close()
 
 
-def _finish_body(response: requests.Response) -> None:
+def _finish_body(events: Iterator[SSEEvent]) -> None:
     """Read what follows the stream's last event (the chunked terminator), so the connection
-    goes back to the pool instead of being closed: a new TLS handshake per stream otherwise."""
+    goes back to the pool instead of being closed: a new TCP (and TLS) handshake per stream
+    otherwise. The same event iterator is drained: a fresh ``iter_content`` would leave the
+    line reader suspended inside urllib3's chunked read, and its clean-up closes the socket."""
     try:
-        for _ in response.iter_content(8192):
+        for _ in events:
             pass
     except READ_FAILURES:
         pass
+    except (UnicodeDecodeError, ValueError):
+        pass  # garbage after the terminal event is not the caller's concern
 
 
 def ended_early(provider: str) -> UpstreamStreamBroken:
