@@ -337,7 +337,9 @@ class Ledger:
 
         Safe to run concurrently and repeatedly: rows are unique by entry id and
         request id. The dirty flag is cleared before reading, so an entry written
-        during the drain either is read now or leaves the flag set.
+        during the drain either is read now or leaves the flag set; a copy that fails
+        (SQL locked or down) sets it again, so the entries it left in the stream are
+        taken by the next drain rather than waiting for the account's next write.
         """
         if account_ids is None:
             account_ids = [int(a) for a in self.redis.smembers(DIRTY)]
@@ -345,11 +347,16 @@ class Ledger:
         for account_id in account_ids:
             self.redis.srem(DIRTY, account_id)
             stream = keys_of(account_id)["log"]
-            while entries := self.redis.xrange(stream, count=DRAIN_BATCH):
-                self._copy(session, account_id, entries)
-                session.commit()
-                self.redis.xdel(stream, *[entry_id for entry_id, _ in entries])
-                copied += len(entries)
+            try:
+                while entries := self.redis.xrange(stream, count=DRAIN_BATCH):
+                    self._copy(session, account_id, entries)
+                    session.commit()
+                    self.redis.xdel(stream, *[entry_id for entry_id, _ in entries])
+                    copied += len(entries)
+            except Exception:
+                session.rollback()
+                self.redis.sadd(DIRTY, account_id)
+                raise
         return copied
 
     def _copy(self, session: Session, account_id: int, entries: list) -> None:

@@ -156,3 +156,34 @@ def test_replayed_grant_and_debit_change_nothing_after_redis_lost_its_data(app, 
     )
     assert svc.ledger.balance(tenant.account_id) == 4_000_000
     assert_invariant(app)
+
+
+def test_a_drain_that_fails_keeps_the_account_marked_and_the_next_drain_copies_all(app):
+    """Issue 10 item 9: the dirty flag was cleared before the copy, so a failed copy stranded entries."""
+    import sqlalchemy
+    from sqlalchemy import text
+
+    from broker.ledger import DIRTY
+
+    tenant = make_tenant("5")
+    svc = app.extensions["broker"]
+    session = svc.db()
+    svc.ledger.drain(session)
+    assert svc.ledger.hold(tenant.account_id, "h-drain", 1000, 0, 0, 1).ok
+    stream = keys_of(tenant.account_id)["log"]
+    assert svc.redis.xlen(stream) == 1
+    session.close()
+    with svc.engine.begin() as sql:  # SQL "down" for the ledger table: a real failure, not a stand-in
+        sql.execute(text("ALTER TABLE ledger_entries RENAME TO ledger_entries_away"))
+    try:
+        with pytest.raises(sqlalchemy.exc.DBAPIError):
+            svc.ledger.drain(svc.db())
+        assert str(tenant.account_id) in svc.redis.smembers(DIRTY)  # still marked
+        assert svc.redis.xlen(stream) == 1  # nothing lost, nothing deleted
+    finally:
+        svc.db().close()
+        with svc.engine.begin() as sql:
+            sql.execute(text("ALTER TABLE ledger_entries_away RENAME TO ledger_entries"))
+    assert svc.ledger.drain(svc.db()) == 1  # the next drain, with no new write to the account
+    assert svc.redis.xlen(stream) == 0 and str(tenant.account_id) not in svc.redis.smembers(DIRTY)
+    assert_invariant(app)
