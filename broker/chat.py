@@ -409,7 +409,11 @@ def _complete(m: Metering, ctx: _Call, provider: ChatProvider) -> ChatResponse:
 
 
 def _billable_usage(ctx: _Call, reported: Usage | None, delivered: str, finished: bool) -> tuple[Usage, bool]:
-    """The provider's usage when it reported a complete one, else an estimate (flagged)."""
+    """The provider's usage when it reported a complete, valid one, else an estimate (flagged).
+
+    A report with a negative count is not a usage: it is replaced by the estimate as a whole."""
+    if reported is not None and min(vars(reported).values(), default=0) < 0:
+        reported = None
     if reported is not None and finished and (reported.prompt_tokens or reported.output_tokens):
         return reported, False
     usage = reported or Usage()

@@ -183,3 +183,23 @@ def test_client_disconnect_mid_stream_charges_what_was_delivered(app, client, li
     assert rec["tokens"]["output"] < 40  # far from the whole answer
     assert before - balance(app, tenant) == rec["charged_ucr"]
     assert_invariant(app)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_a_negative_usage_report_is_replaced_by_the_estimate_and_flagged(
+    app, client, live_server, tenant, upstream, stream
+):
+    """Issue 10 item 10: a negative count gave 503 "nothing was charged" and left the hold locked."""
+    upstream.queue(Reply(text="an answer with a broken usage report", input_tokens=-5, output_tokens=7))
+    before = balance(app, tenant)
+    created = sdk(live_server, tenant.key).chat.completions.create(
+        model="openai/gpt-4o-mini", messages=MESSAGES, max_tokens=100, stream=stream
+    )
+    if stream:
+        list(created)
+    want = expected_estimate_ucr(MESSAGES[0]["content"], 1, "an answer with a broken usage report", IN_RATE, OUT_RATE)
+    assert before - balance(app, tenant) == want
+    rec = client.get("/v1/usage", headers=tenant.headers).json["data"][0]
+    assert rec["flags"]["estimated"] is True and rec["status"] == "ok"
+    assert app.extensions["broker"].ledger.snapshot(tenant.account_id)["holds_sum"] == 0
+    assert_invariant(app)

@@ -206,8 +206,10 @@ def usage_from(usage: dict) -> Usage:
     cached = c.as_int(details.get("cached_tokens"))
     written = c.as_int(details.get("cache_write_tokens"))
     out = c.as_dict(usage.get("completion_tokens_details"))
+    prompt = c.as_int(usage.get("prompt_tokens"))
     return Usage(
-        input_tokens=max(c.as_int(usage.get("prompt_tokens")) - cached - written, 0),
+        # A negative prompt count stays negative: the chat path then bills an estimate instead.
+        input_tokens=max(prompt - cached - written, 0) if prompt >= 0 else prompt,
         cached_input_tokens=cached,
         cache_write_tokens=written,
         output_tokens=c.as_int(usage.get("completion_tokens")),
