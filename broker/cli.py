@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -164,6 +165,9 @@ def dev(host: str, port: int) -> None:
         "-H 'Content-Type: application/json' "
         '-d \'{"model": "demo/chat", "messages": [{"role": "user", "content": "Hello"}]}\'\n'
     )
+    # However it is stopped (Ctrl-C or SIGTERM), stop what it started: the worker here, the
+    # embedded Redis-compatible server at exit. SIGTERM's default would skip both.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         run_simple(host, port, app, threaded=True, use_reloader=False)
     finally:
