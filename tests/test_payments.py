@@ -630,3 +630,40 @@ def test_coinbase_event_that_is_not_an_object_is_a_400(client):
     }
     response = client.post("/webhooks/coinbase", data=body, headers=headers)
     assert response.status_code == 400 and response.json["error"]["code"] == "invalid_event"
+
+
+def test_concurrent_cumulative_refund_events_take_back_only_what_was_refunded(app, live_server, stripe_fake):
+    """Issue 10 item 2: three cumulative charge.refunded events sent together took back their sum."""
+    import threading
+
+    import requests
+
+    from tests.conftest import make_tenant
+
+    client = app.test_client()
+    for round_ in range(4):
+        tenant = make_tenant("0")
+        session = _paid_purchase(app, client, tenant, stripe_fake, pack="usd5")  # 500 credits for 500 cents
+        events = [
+            stripe_fake.event("charge.refunded", *stripe_fake.refund(session["id"], cents)) for cents in (150, 200, 100)
+        ]
+        bodies = [stripe_webhook(event, STRIPE_WEBHOOK_SECRET) for event in events]  # cumulative 150, 350, 450
+        barrier, statuses = threading.Barrier(len(bodies)), []
+
+        def deliver(body: bytes, headers: dict, barrier=barrier, statuses=statuses) -> None:
+            barrier.wait()
+            statuses.append(requests.post(live_server + "/webhooks/stripe", data=body, headers=headers, timeout=30))
+
+        threads = [threading.Thread(target=deliver, args=pair) for pair in reversed(bodies)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [r.status_code for r in statuses] == [200] * 3
+        assert balance(app, tenant) == 50_000_000, f"round {round_}"  # 450 of 500 cents refunded
+        db = app.extensions["broker"].db()
+        db.expire_all()
+        purchase = db.scalar(select(Purchase).where(Purchase.account_id == tenant.account_id))
+        assert purchase.refunded_cents == 450 and purchase.refunded_ucr == 450_000_000
+        assert purchase.status == "partially_refunded" and purchase.shortfall_ucr == 0
+    assert_invariant(app)

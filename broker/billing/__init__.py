@@ -162,7 +162,19 @@ def take_back(session: Session, ledger: Ledger, purchase: Purchase, refunded_cen
 
     The debit is unique by ``refund_id`` in the ledger; credits already spent are
     recorded as the purchase's shortfall. Returns the micro-credits taken.
+
+    Refund events for one purchase run one at a time (a Redis lock per purchase), each on the
+    purchase as the one before left it: concurrent cumulative events (300, 700, 500 cents)
+    take back 700 cents' worth, never the sum of their separate deltas. A crash between the
+    debit and the row update is safe: the retried event replays the same debit id.
     """
+    with ledger.redis.lock(f"refund-lock:{purchase.id}", timeout=60, blocking_timeout=60):
+        session.commit()  # end any transaction that read the purchase before the lock was held
+        session.refresh(purchase)
+        return _take_back(session, ledger, purchase, refunded_cents, refund_id)
+
+
+def _take_back(session: Session, ledger: Ledger, purchase: Purchase, refunded_cents: int, refund_id: str) -> int:
     refunded_cents = min(refunded_cents, purchase.amount_cents)
     new_cents = refunded_cents - purchase.refunded_cents
     if new_cents <= 0 or purchase.status not in ("paid", "partially_refunded"):
