@@ -14,15 +14,20 @@ and ``python worker.py --cron-only`` for the one scheduler (see the Procfile).
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import sys
+import time
 
+import redis
 from rq import Queue, SimpleWorker
 from rq.cron import CronScheduler
 from sqlalchemy.orm import configure_mappers
 
 from broker import create_app, jobs
 from broker.extensions import services
+
+log = logging.getLogger("broker.worker")
 
 # Housekeeping first: a media backlog must not delay the ledger drain or the stuck-job check.
 QUEUES = ("housekeeping", "media")
@@ -44,10 +49,20 @@ def schedule(config) -> tuple:
 
 
 def run_cron(connection, config) -> None:
-    scheduler = CronScheduler(connection=connection, logging_level="WARNING")
-    for func, seconds in schedule(config):
-        scheduler.register(func, queue_name="housekeeping", interval=seconds, result_ttl=60)
-    scheduler.start()
+    """Run the cron scheduler; after a Redis outage (a restart, a stall) start it again rather
+    than let the housekeeping stop for good, pausing 1, 2, 4 … up to 30 s between tries."""
+    pause = 1
+    while True:
+        try:
+            scheduler = CronScheduler(connection=connection, logging_level="WARNING")
+            for func, seconds in schedule(config):
+                scheduler.register(func, queue_name="housekeeping", interval=seconds, result_ttl=60)
+            scheduler.start()
+            return
+        except redis.RedisError as error:
+            log.warning("cron lost Redis; starting it again", extra={"error": type(error).__name__, "pause": pause})
+            time.sleep(pause)
+            pause = min(pause * 2, 30)
 
 
 def main(argv: list[str] | None = None) -> int:
