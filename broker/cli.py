@@ -96,8 +96,20 @@ def balance(email: str) -> None:
     help="Rebuild Redis balances and holds from the SQL ledger.",
 )
 def reconcile(repair: bool) -> None:
-    """Check the ledger invariant for every account; exit 1 if any mismatch remains."""
+    """Check the ledger invariant for every account; exit 1 if any mismatch remains.
+
+    ``--repair`` rewrites balances and holds from SQL, which is only safe on a quiet system: a
+    request in flight would have its settle dropped. So it refuses while Redis holds a live
+    (unexpired) hold, and the README says to stop the web and worker processes first.
+    """
     svc = services()
+    if repair:
+        live = svc.ledger.live_holds()
+        if live:
+            raise click.ClickException(
+                f"{live} requests or jobs are in flight (live holds): stop the web and worker processes, "
+                "or wait for them to finish, then repair. Without --repair, reconcile only checks."
+            )
     mismatches = svc.ledger.reconcile(svc.db(), repair=repair)
     for mismatch in mismatches:
         click.echo(str(mismatch))

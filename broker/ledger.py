@@ -399,6 +399,10 @@ class Ledger:
             "holds": holds,
         }
 
+    def live_holds(self, now: float | None = None) -> int:
+        """How many holds are open and not yet past their deadline: requests or jobs in flight."""
+        return int(self.redis.zcount(EXPIRY, f"({now or time.time()}", "+inf"))
+
     def reconcile(self, session: Session, repair: bool = False) -> list[Mismatch]:
         """Check invariant L for every account; with ``repair`` rebuild Redis from SQL.
 

@@ -187,3 +187,17 @@ def test_a_drain_that_fails_keeps_the_account_marked_and_the_next_drain_copies_a
     assert svc.ledger.drain(svc.db()) == 1  # the next drain, with no new write to the account
     assert svc.redis.xlen(stream) == 0 and str(tenant.account_id) not in svc.redis.smembers(DIRTY)
     assert_invariant(app)
+
+
+def test_repair_refuses_while_requests_are_in_flight(app, runner):
+    """Issue 10 item 7: repair under live traffic dropped the settles of holds in flight."""
+    tenant = make_tenant("5")
+    ledger = app.extensions["broker"].ledger
+    assert ledger.hold(tenant.account_id, "in-flight", 1000, 0, 0, 1).ok
+    refused = runner.invoke(args=["broker", "reconcile", "--repair"])
+    assert refused.exit_code != 0 and "in flight" in refused.output
+    assert ledger.snapshot(tenant.account_id)["holds"] == {"in-flight": 1000}  # untouched
+    assert runner.invoke(args=["broker", "reconcile"]).exit_code == 0  # checking is always allowed
+    ledger.release(tenant.account_id, "in-flight", {"request_id": "in-flight", "status": "error"})
+    assert runner.invoke(args=["broker", "reconcile", "--repair"]).exit_code == 0
+    assert_invariant(app)
