@@ -285,7 +285,7 @@ class Ledger:
 
         Returns (applied now, taken, balance after); a replay returns (False, what was
         taken then, balance). A debit already copied to SQL is a replay even if Redis
-        has since lost its marker. The entry reaches SQL through the stream.
+        has since lost its marker. The entry reaches SQL through the stream, drained at once.
         """
         done = session.scalar(select(LedgerEntry.total_delta).where(LedgerEntry.entry_id == f"debit:{debit_id}"))
         if done is not None:
@@ -302,6 +302,10 @@ class Ledger:
             pipe.sadd(DIRTY, account_id)
 
         applied, taken, balance = self._pipeline_run(build)[0]
+        # Durable before the caller records it (a purchase marked refunded): copied to SQL now,
+        # so Redis restored from an older state cannot bring the credits back (reconcile
+        # rebuilds balances from SQL). Metered charges stay on the stream's own schedule.
+        self.drain(session, [account_id])
         return bool(applied), int(taken), int(balance)
 
     # -- housekeeping -----------------------------------------------------------

@@ -667,3 +667,16 @@ def test_concurrent_cumulative_refund_events_take_back_only_what_was_refunded(ap
         assert purchase.refunded_cents == 450 and purchase.refunded_ucr == 450_000_000
         assert purchase.status == "partially_refunded" and purchase.shortfall_ucr == 0
     assert_invariant(app)
+
+
+def test_a_refund_survives_redis_losing_its_last_writes(app, client, runner, tenant, stripe_fake):
+    """Issue 10 item 8: refunds went to Redis first; a Redis restored from an older state kept the credits."""
+    start = balance(app, tenant)
+    session = _paid_purchase(app, client, tenant, stripe_fake, pack="usd5")
+    app.extensions["broker"].ledger.drain(app.extensions["broker"].db())  # the purchase is in SQL
+    send(client, stripe_fake.event("charge.refunded", *stripe_fake.refund(session["id"])))
+    app.extensions["broker"].redis.flushall()  # Redis comes back without its last writes (here: all of them)
+    repaired = runner.invoke(args=["broker", "reconcile", "--repair"])
+    assert repaired.exit_code == 0, repaired.output
+    assert balance(app, tenant) == start  # the refund's debit was durable: the credits stay taken back
+    assert_invariant(app)
