@@ -486,7 +486,10 @@ def check_targets(results: list[Result]) -> bool:
     rows: list[tuple[str, str, str, str, bool]] = []  # what, broker, bare (ratio), target, ok
     for mode in MODES:
         direct, broker, bare = (by.get((t, mode, 1)) for t in ("direct", "broker", "bare"))
-        if direct and broker:
+        if direct and broker and not direct.requests:
+            # wrk sometimes gets no answer at all from the fake here (seen for streams at c=1).
+            rows.append((f"added p50, {mode}, c=1", "no direct figure", "-", f"<= {ADDED_P50_MS:g} ms", False))
+        elif direct and broker:
             added = broker.p50_ms - direct.p50_ms
             bare_added = f"{bare.p50_ms - direct.p50_ms:.2f} ms" if bare else "-"
             ok = added <= ADDED_P50_MS
