@@ -3,8 +3,9 @@
 The same key with the same body replays the first response (``Idempotent-Replayed:
 true``) and is charged once; with a different body it is a 409; while the first is
 still running, a retry gets a 409 too. Server errors (5xx) and rate limits are not
-kept, so a retry can run again; a streamed response cannot be replayed and is not
-kept either.
+kept, so a retry can run again. A streamed answer keeps the key claimed while it streams
+and is kept once it has ended (``finish_stream``): retries get the whole stream again, or,
+when it was too large to keep, a 409 naming the first request — never a second charge.
 
 What an account can store is bounded: a response body over ``max_body_bytes`` is not
 kept (a retry runs again), and an account holds at most ``max_keys`` keys at once
@@ -67,6 +68,14 @@ def begin(
             param="Idempotency-Key",
             code="idempotency_key_in_flight",
         )
+    if stored.get("too_large"):
+        first = stored["too_large"]
+        raise Conflict(
+            f"This Idempotency-Key was answered by request {first}, a stream too large to replay; "
+            f"its receipt is at GET /v1/requests/{first}.",
+            param="Idempotency-Key",
+            code="idempotency_key_used",
+        )
     return key, stored
 
 
@@ -122,6 +131,25 @@ def finish(
         "headers": headers,
         "data": data.decode(),
     }
+    client.set(key, json.dumps(stored), ex=TTL_SECONDS)
+
+
+def finish_stream(
+    client: redis.Redis,
+    key: str,
+    body: bytes,
+    status: int,
+    headers: dict,
+    data: bytes | None,
+    request_id: str,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> None:
+    """Keep a streamed answer once it has ended: whole for replays, or (``data`` None or over
+    the bound) a marker naming the request, so a retry gets a 409 rather than a second charge."""
+    if data is not None and len(data) <= max_body_bytes:
+        finish(client, key, body, status, headers, data, max_body_bytes)
+        return
+    stored = {"state": "done", "body": hashlib.sha256(body).hexdigest(), "too_large": request_id}
     client.set(key, json.dumps(stored), ex=TTL_SECONDS)
 
 

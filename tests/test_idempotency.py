@@ -141,3 +141,45 @@ def test_a_key_that_was_not_kept_frees_its_place(app, client, tenant, upstream):
     assert failed.status_code == 502
     kept = client.post("/v1/chat/completions", json=CHAT, headers={**tenant.headers, "Idempotency-Key": "b"})
     assert kept.status_code == 200
+
+
+def test_a_streamed_call_is_charged_once_and_replayed_after_it_ends(app, live_server, tenant, upstream):
+    """Issue 10 item 12: the same streamed POST twice was charged twice."""
+    import requests
+
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {**tenant.headers, "Idempotency-Key": "stream-once"}
+    upstream.default = Reply(text="a streamed answer", chunks=3, chunk_delay=0.5)
+    before = app.extensions["broker"].ledger.balance(tenant.account_id)
+    with requests.post(
+        f"{live_server}/v1/chat/completions", json=body, headers=headers, stream=True, timeout=30
+    ) as first:
+        lines = first.iter_lines()
+        next(lines)  # the stream has started: a retry now meets the running claim
+        during = requests.post(f"{live_server}/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert during.status_code == 409 and during.json()["error"]["code"] == "idempotency_key_in_flight"
+        first_text = b"\n".join([b"", *lines])
+    after = requests.post(f"{live_server}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert after.status_code == 200 and after.headers["Idempotent-Replayed"] == "true"
+    assert after.headers["Content-Type"].startswith("text/event-stream") and b"[DONE]" in after.content
+    assert b"a streamed answer"[:5] in after.content
+    assert len(upstream.requests) == 1
+    charged = before - app.extensions["broker"].ledger.balance(tenant.account_id)
+    assert charged > 0 and b"[DONE]" in first_text
+    assert_invariant(app)
+
+
+def test_a_stream_too_large_to_keep_makes_a_retry_a_409_naming_the_first_request(app, live_server, tenant, upstream):
+    import requests
+
+    app.config["IDEMPOTENCY_MAX_BODY_BYTES"] = 64
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    headers = {**tenant.headers, "Idempotency-Key": "stream-big"}
+    upstream.default = Reply(text="a streamed answer that is longer than sixty-four bytes of events")
+    first = requests.post(f"{live_server}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert first.status_code == 200
+    retry = requests.post(f"{live_server}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert retry.status_code == 409 and retry.json()["error"]["code"] == "idempotency_key_used"
+    assert first.headers["X-Request-Id"] in retry.json()["error"]["message"]
+    assert len(upstream.requests) == 1
+    assert_invariant(app)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from flask import Blueprint, Response, current_app, g, request
 from pydantic import BaseModel, ValidationError
 
@@ -85,7 +87,9 @@ def replay_idempotent():
 @bp.after_request
 def keep_idempotent(response: Response) -> Response:
     key = g.pop("idempotency_key", None)
-    if key is not None:
+    if key is not None and response.is_streamed and response.status_code < 300:
+        response.response = _kept_stream(response.response, key, response.status_code, dict(response.headers))
+    elif key is not None:
         data = None if response.is_streamed else response.get_data()
         headers = {name: response.headers[name] for name in KEPT_HEADERS if name in response.headers}
         idempotency.finish(
@@ -98,6 +102,30 @@ def keep_idempotent(response: Response) -> Response:
             current_app.config["IDEMPOTENCY_MAX_BODY_BYTES"],
         )
     return response
+
+
+def _kept_stream(chunks: Iterable, key: str, status: int, all_headers: dict) -> Iterator[bytes]:
+    """Relay a streamed answer and, when it has ended (or the client left), keep what was sent
+    for retries of its Idempotency-Key; the key stays claimed (409 to a retry) meanwhile."""
+    # Read here, in the request: the stream itself runs after the request context has gone.
+    client, body = services().redis, request.get_data()
+    limit, request_id = current_app.config["IDEMPOTENCY_MAX_BODY_BYTES"], g.get("request_id", "")
+    headers = {name: all_headers[name] for name in KEPT_HEADERS if name in all_headers}
+
+    def relay() -> Iterator[bytes]:
+        sent, size = [], 0
+        try:
+            for chunk in chunks:
+                data = chunk.encode() if isinstance(chunk, str) else chunk
+                size += len(data)
+                if size <= limit:
+                    sent.append(data)
+                yield data
+        finally:
+            kept = b"".join(sent) if size <= limit else None
+            idempotency.finish_stream(client, key, body, status, headers, kept, request_id, limit)
+
+    return relay()
 
 
 @bp.teardown_request
