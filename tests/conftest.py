@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 from decimal import Decimal
 
+import psutil
 import pytest
 import redis
 from sqlalchemy import create_engine, text
@@ -286,19 +287,36 @@ class WorkerProcess:
         )
         return self
 
+    def _group(self) -> list[psutil.Process]:
+        """The worker and every process it started (cron, RQ's scheduler)."""
+        try:
+            main = psutil.Process(self.process.pid)
+            return [main, *main.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
     def kill(self) -> None:
         """SIGKILL the worker, its work horse and its cron child at once, as a crash would."""
         if self.process and self.process.poll() is None:
+            group = self._group()
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+            psutil.wait_procs(group, timeout=10)
 
     def stop(self) -> None:
+        """SIGTERM, and wait until every process of the group has gone: a scheduler child that
+        outlived its worker could hold RQ's scheduler lock in the next test's Redis."""
         if self.process and self.process.poll() is None:
+            group = self._group()
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+            _, alive = psutil.wait_procs(group, timeout=10)
+            for process in alive:
+                process.kill()
+            psutil.wait_procs(alive, timeout=5)
 
 
 @pytest.fixture
