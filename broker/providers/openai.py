@@ -30,6 +30,7 @@ from broker.providers.base import (
     Usage,
     UsageReport,
 )
+from broker.schemas import EXTRA_FIELDS
 
 # Fields of ``call.extra`` the adapter owns: the broker's hold depends on them.
 _OWNED = {"model", "messages", "max_tokens", "max_completion_tokens", "stream", "n"}
@@ -38,38 +39,9 @@ FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_ca
 
 class OpenAIProvider:
     name = "openai"
-    # OpenAI's own request fields, passed through (the broker refuses the price-changing
-    # ones it cannot bill before they get here).
-    accepts = frozenset(
-        {
-            "frequency_penalty",
-            "presence_penalty",
-            "logit_bias",
-            "logprobs",
-            "top_logprobs",
-            "seed",
-            "response_format",
-            "tools",
-            "tool_choice",
-            "parallel_tool_calls",
-            "functions",
-            "function_call",
-            "reasoning_effort",
-            "verbosity",
-            "metadata",
-            "prediction",
-            "store",
-            "service_tier",
-            "safety_identifier",
-            "prompt_cache_key",
-            "prompt_cache_retention",
-            "prompt_cache_options",
-            "moderation",
-            "modalities",
-            "audio",
-            "web_search_options",
-        }
-    )
+    # Every field of OpenAI's Chat Completions, passed through (the broker refuses the
+    # price-changing ones it cannot bill before they get here); ``top_k`` is not OpenAI's.
+    accepts = frozenset(EXTRA_FIELDS) - {"top_k"}
 
     def __init__(
         self,
