@@ -150,6 +150,12 @@ def load(overrides: dict | None = None) -> dict:
         "JOB_RETRY_INTERVALS": env("JOB_RETRY_INTERVALS", "5,30,120"),
         "STUCK_JOB_CHECK_SECONDS": int(env("STUCK_JOB_CHECK_SECONDS", "15")),
         "MUSIC_POLL_SECONDS": float(env("MUSIC_POLL_SECONDS", "5")),
+        # Media jobs in flight at once in one worker process (each in a thread, mostly waiting on its provider).
+        "MEDIA_JOBS_PER_WORKER": int(env("MEDIA_JOBS_PER_WORKER", "256")),
+        # Media jobs in flight at one provider across all workers; more wait for a place (0: no cap).
+        "MEDIA_MAX_IN_FLIGHT_PER_PROVIDER": int(env("MEDIA_MAX_IN_FLIGHT_PER_PROVIDER", "500")),
+        # A media job (one run, or one poll of a music job) still running after this is failed and released.
+        "MEDIA_JOB_TIMEOUT_SECONDS": float(env("MEDIA_JOB_TIMEOUT_SECONDS", "600")),
         "MUSIC_MAX_WAIT_SECONDS": int(env("MUSIC_MAX_WAIT_SECONDS", "600")),
         # The longest a request waits for its media job (Prefer: wait, /v1/audio/speech, /v1/images/generations).
         "SYNC_WAIT_MAX_SECONDS": int(env("SYNC_WAIT_MAX_SECONDS", "180")),

@@ -1,11 +1,15 @@
 """The background worker: ``python worker.py`` runs RQ on the ``housekeeping`` and ``media`` queues, plus
 RQ's cron scheduler (a child process) that enqueues the housekeeping jobs.
 
-Jobs run in the worker process itself (RQ's ``SimpleWorker``), not in a work horse forked
-per job: the fork cost about 55 ms of CPU a job. Nothing a job leaves behind is shared
-state: each job ends its database session, and RQ's job timeout is still enforced (by
-SIGALRM in this process). A music job waiting for its vendor holds no worker: its next
-poll is a job RQ's scheduler (``with_scheduler``) enqueues when due.
+Jobs run in the worker process itself (``MediaWorker``, RQ's ``SimpleWorker``), not in a work
+horse forked per job: the fork cost about 55 ms of CPU a job. A media job runs in a thread
+of its own (``broker.jobs.MediaPool``), up to ``MEDIA_JOBS_PER_WORKER`` at once, each with
+its own session, lease (renewed while it runs) and timeout (``MEDIA_JOB_TIMEOUT_SECONDS``),
+so a 20 s image call holds a thread, not the process; housekeeping jobs run beside them in
+the main thread (RQ's job timeout, a SIGALRM, still covers those). A music job waiting for
+its vendor holds nothing: its next poll is a job RQ's scheduler (``with_scheduler``)
+enqueues when due. SIGTERM stops taking jobs and waits for those in flight; a second
+SIGTERM (or SIGKILL) leaves them to the stuck-job check.
 
 With several workers, run the cron once: ``python worker.py --no-cron`` for the workers
 and ``python worker.py --cron-only`` for the one scheduler (see the Procfile).
@@ -22,6 +26,7 @@ import time
 import redis
 from rq import Queue, SimpleWorker
 from rq.cron import CronScheduler
+from rq.exceptions import DequeueTimeout
 from sqlalchemy.orm import configure_mappers
 
 from broker import create_app, jobs
@@ -31,8 +36,48 @@ log = logging.getLogger("broker.worker")
 
 # Housekeeping first: a media backlog must not delay the ledger drain or the stuck-job check.
 QUEUES = ("housekeeping", "media")
+# While its media jobs fill the pool, the worker looks for room this often (seconds).
+FULL_POLL_SECONDS = 1
+
+
+class MediaWorker(SimpleWorker):
+    """RQ's ``SimpleWorker`` whose media jobs start threads of a ``MediaPool`` (see the module docstring).
+
+    While the pool is full it takes only housekeeping jobs, looking for room every
+    ``FULL_POLL_SECONDS``; a job left on the media queue waits for this worker or another.
+    """
+
+    pool: jobs.MediaPool | None = None
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
+        # Listed twice so RQ pops with BLPOP, as for the worker's two queues (with one queue it moves
+        # the job to an intermediate list that only a one-queue worker clears).
+        housekeeping = [q for q in self._ordered_queues if q.name == "housekeeping"] * 2
+        while self.pool is not None and not self.pool.has_room():
+            self.heartbeat()
+            if self.should_run_maintenance_tasks:
+                self.run_maintenance_tasks()
+            try:
+                result = self.queue_class.dequeue_any(
+                    housekeeping,
+                    FULL_POLL_SECONDS,
+                    connection=self.connection,
+                    job_class=self.job_class,
+                    serializer=self.serializer,
+                    death_penalty_class=self.death_penalty_class,
+                )
+            except DequeueTimeout:
+                continue
+            except redis.ConnectionError:
+                time.sleep(FULL_POLL_SECONDS)
+                continue
+            if result is not None:
+                return result
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
+
 # Jobs in this process, no fork per job (see the module docstring); bench/jobs.py swaps in rq.Worker to compare.
-WORKER_CLASS = SimpleWorker
+WORKER_CLASS: type[SimpleWorker] = MediaWorker
 
 
 def schedule(config) -> tuple:
@@ -85,11 +130,25 @@ def main(argv: list[str] | None = None) -> int:
                 target=run_cron, args=(connection, app.config), daemon=True
             )
             cron.start()
+        pool = None
+        if issubclass(WORKER_CLASS, MediaWorker):  # a forking worker runs each job in its work horse
+            config = app.config
+            pool = jobs.MediaPool(
+                app,
+                config["MEDIA_JOBS_PER_WORKER"],
+                config["MEDIA_MAX_IN_FLIGHT_PER_PROVIDER"],
+                config["MEDIA_JOB_TIMEOUT_SECONDS"],
+            )
         try:
+            jobs.POOL = pool
             worker = WORKER_CLASS([Queue(name, connection=connection) for name in QUEUES], connection=connection)
-            # The scheduler moves retries (RQ Retry with intervals) and music re-checks onto their queue when due.
+            worker.pool = pool
+            # The scheduler moves retries and music re-checks onto their queue when due.
             worker.work(with_scheduler=True, logging_level="WARNING")
+            if pool is not None:
+                pool.stop()  # a second SIGTERM ends this wait (RQ's cold shutdown)
         finally:
+            jobs.POOL = None
             if cron is not None:
                 cron.terminate()
                 cron.join(5)

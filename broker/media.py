@@ -21,11 +21,12 @@ import hmac
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -464,15 +465,53 @@ def _set_status(session: Session, job_id: str, expected: tuple[str, ...], new: s
     return result.rowcount == 1
 
 
-def _claim(ctx: MediaContext, session: Session, job_id: str, recheck: str | None = None) -> Job | None:
+@dataclass
+class Running:
+    """One job a worker process has in flight in a thread of its own (see ``broker.jobs.MediaPool``).
+
+    ``lease_until`` is the lease this process last wrote: it is renewed by compare-and-set
+    on it, so a renewal never overwrites a lease someone else set (a music job's re-check
+    token, a takeover). ``lock`` makes "settle" and "time out" exclusive: whichever takes it
+    first sets ``ended``, and the other then leaves the job alone.
+    """
+
+    job_id: str
+    lease_until: datetime | None = None
+    deadline: float = math.inf  # time.monotonic() past which the job is failed as timed out
+    provider: str = ""  # set while it holds one of its provider's places (``take_place``)
+    place_until: float = 0.0  # time.time() when that place lapses unless renewed
+    ended: bool = False
+    timed_out: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@contextmanager
+def _owned(running: Running | None) -> Iterator[bool]:
+    """Hold the job for its final writes; yields False if its timeout already failed it."""
+    if running is None:
+        yield True
+        return
+    with running.lock:
+        if running.ended:
+            yield False
+            return
+        running.ended = True
+        yield True
+
+
+def _claim(
+    ctx: MediaContext, session: Session, job_id: str, recheck: str | None = None, running: Running | None = None
+) -> Job | None:
     """queued → running, or take over a running job whose lease ran out; None if not ours to run.
 
     ``recheck`` is the lease a waiting music job set when it scheduled its next poll: only
     the re-check carrying it takes the job (renewing its lease), so a duplicate delivery of
-    an earlier re-check finds the lease moved on and skips.
+    an earlier re-check finds the lease moved on and skips. ``running`` records the lease
+    written, for its renewals.
     """
     now = _now()
     lease = now + timedelta(seconds=ctx.lease_seconds)
+    job = None
     if recheck is not None:
         taken = session.execute(
             update(Job)
@@ -481,17 +520,28 @@ def _claim(ctx: MediaContext, session: Session, job_id: str, recheck: str | None
         )
         session.commit()
         if taken.rowcount == 1:
-            return session.get(Job, job_id)
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .where((Job.status == "queued") | ((Job.status == "running") & (Job.lease_until < now)))
-        .values(status="running", lease_until=lease, started_at=now, attempts=Job.attempts + 1)
-    )
+            job = session.get(Job, job_id)
+    if job is None:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .where((Job.status == "queued") | ((Job.status == "running") & (Job.lease_until < now)))
+            .values(status="running", lease_until=lease, started_at=now, attempts=Job.attempts + 1)
+        )
+        session.commit()
+        if result.rowcount != 1:
+            return None
+        job = session.get(Job, job_id)
+    # End the read's transaction: no connection is held through the slow upstream call.
     session.commit()
-    if result.rowcount != 1:
-        return None
-    return session.get(Job, job_id)
+    if running is not None:
+        running.lease_until = lease
+    return job
+
+
+def claim(ctx: MediaContext, session: Session, job_id: str, recheck: str | None, running: Running) -> bool:
+    """Claim the job for a run in a thread (``run_claimed``); False if it is not ours to run."""
+    return _claim(ctx, session, job_id, recheck, running) is not None
 
 
 def run(
@@ -510,6 +560,27 @@ def run(
     job = _claim(ctx, session, job_id, recheck)
     if job is None:
         return "skipped"
+    return _run_job(ctx, session, job, final_attempt, retries_left, None)
+
+
+def run_claimed(
+    ctx: MediaContext, session: Session, running: Running, final_attempt: bool, retries_left: int = 0
+) -> str:
+    """``run`` for a job claimed by ``claim``, in this thread's own session.
+
+    The outcome "timed_out" means the job's timeout failed it (and released its hold)
+    while the provider was still working; nothing is written then.
+    """
+    job = session.get(Job, running.job_id)
+    session.commit()
+    if job is None:
+        return "skipped"
+    return _run_job(ctx, session, job, final_attempt, retries_left, running)
+
+
+def _run_job(
+    ctx: MediaContext, session: Session, job: Job, final_attempt: bool, retries_left: int, running: Running | None
+) -> str:
     price = ctx.prices.models[job.model]
     params = json.loads(job.params)
     try:
@@ -518,25 +589,126 @@ def run(
             return "waiting"
         files, cost, detail = generated
     except UpstreamRejected as error:
-        _fail(ctx, session, job, price, error)
+        with _owned(running) as ours:
+            if not ours:
+                return "timed_out"
+            _fail(ctx, session, job, price, error)
         return "failed"
     except BrokerError as error:
-        if not final_attempt:
-            _set_status(session, job.id, ("running",), "queued", error_type=error.code, error_message=error.message)
-            raise
-        _fail(ctx, session, job, price, error)
+        with _owned(running) as ours:
+            if not ours:
+                return "timed_out"
+            if not final_attempt:
+                _set_status(session, job.id, ("running",), "queued", error_type=error.code, error_message=error.message)
+                raise
+            _fail(ctx, session, job, price, error)
         return "failed"
-    for index, media in enumerate(files):
-        ctx.storage.put(f"{job.id}/{index}", media.data, media.content_type)
-    _record_results(session, job.id, files)
-    receipt = _receipt(ctx, job, price, "ok", cost, detail)
-    ended = ctx.ledger.end_hold(job.account_id, job.hold_id, ctx.charge(cost), receipt)
-    charged = ended.charged if ended.status != "unknown" else 0
-    _set_status(session, job.id, ("running",), "succeeded", cost_ucr=charged, progress=100, error_type=None)
+    with _owned(running) as ours:
+        if not ours:
+            return "timed_out"
+        for index, media in enumerate(files):
+            ctx.storage.put(f"{job.id}/{index}", media.data, media.content_type)
+        _record_results(session, job.id, files)
+        receipt = _receipt(ctx, job, price, "ok", cost, detail)
+        ended = ctx.ledger.end_hold(job.account_id, job.hold_id, ctx.charge(cost), receipt)
+        charged = ended.charged if ended.status != "unknown" else 0
+        _set_status(session, job.id, ("running",), "succeeded", cost_ucr=charged, progress=100, error_type=None)
     _signal(ctx, job.id, "succeeded")
     metrics.CREDITS_CHARGED.labels(job.type).inc(charged)
     metrics.JOB_OUTCOMES.labels(job.type, "succeeded").inc()
     return "succeeded"
+
+
+def renew_lease(ctx: MediaContext, session: Session, running: Running) -> bool:
+    """Push the lease of a job still running here ``lease_seconds`` on; False once it is not ours to renew
+    (ended, timed out, or its lease moved on: a music re-check's token, a takeover)."""
+    with running.lock:
+        if running.ended or running.lease_until is None:
+            return False
+        lease = _now() + timedelta(seconds=ctx.lease_seconds)
+        renewed = session.execute(
+            update(Job)
+            .where(Job.id == running.job_id, Job.status == "running", Job.lease_until == running.lease_until)
+            .values(lease_until=lease)
+        )
+        session.commit()
+        if renewed.rowcount != 1:
+            return False
+        running.lease_until = lease
+        return True
+
+
+def time_out(ctx: MediaContext, session: Session, running: Running, seconds: float) -> bool:
+    """Fail a job that ran past its timeout and release its hold; the thread still waiting on the
+    provider then writes nothing (``_owned``). False if it had already ended."""
+    with running.lock:
+        if running.ended:
+            return False
+        running.ended = running.timed_out = True
+        job = session.get(Job, running.job_id, populate_existing=True)
+        session.commit()
+        if job is None or job.status != "running":
+            return False
+        error = UpstreamTimeout(f"The job ran past its {seconds:g} s timeout.", code="job_timeout")
+        _fail(ctx, session, job, ctx.prices.models[job.model], error)
+        return True
+
+
+def requeue(ctx: MediaContext, session: Session, running: Running, retries_left: int) -> None:
+    """Hand a claimed job that has not called its provider back to the queue (the worker is stopping)."""
+    with _owned(running) as ours:
+        if ours and _set_status(session, running.job_id, ("running",), "queued"):
+            ctx.queue.enqueue(
+                "broker.jobs.run_media_job",
+                running.job_id,
+                None,
+                retries_left,
+                job_timeout=ctx.lease_seconds,
+                result_ttl=3600,
+                failure_ttl=7 * 86400,
+            )
+
+
+def provider_of(ctx: MediaContext, session: Session, job_id: str) -> str:
+    job = session.get(Job, job_id)
+    session.commit()
+    return ctx.prices.models[job.model].provider if job is not None else ""
+
+
+# A provider's places: a sorted set of job ids scored by when each place lapses (its
+# holder's lease), so a worker that died frees its places by itself. A job that already
+# holds a place (a music job between polls) keeps it. Returns 1 taken, 2 already held, 0 full.
+TAKE_PLACE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+  return 2
+end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
+PLACES_KEY = "media-places:"
+
+
+def take_place(ctx: MediaContext, provider: str, job_id: str, cap: int, until: float) -> int:
+    """One of ``cap`` places for jobs in flight at ``provider`` across all workers (see TAKE_PLACE)."""
+    now = time.time()
+    return int(ctx.redis.eval(TAKE_PLACE, 1, PLACES_KEY + provider, now, until, job_id, cap))
+
+
+def renew_place(ctx: MediaContext, provider: str, job_id: str, until: float) -> None:
+    ctx.redis.zadd(PLACES_KEY + provider, {job_id: until}, xx=True)
+
+
+def free_place(ctx: MediaContext, provider: str, job_id: str) -> None:
+    ctx.redis.zrem(PLACES_KEY + provider, job_id)
+
+
+def places_in_use(ctx: MediaContext, provider: str) -> int:
+    return int(ctx.redis.zcount(PLACES_KEY + provider, time.time(), "+inf"))
 
 
 def _record_results(session: Session, job_id: str, files: list[MediaFile]) -> None:
@@ -669,6 +841,7 @@ def _schedule_recheck(ctx: MediaContext, session: Session, job: Job, retries_lef
         "broker.jobs.run_media_job",
         job.id,
         lease.isoformat(),
+        retries_left,  # a worker running jobs in threads retries them itself (RQ's Retry never fires there)
         retry=retry,
         job_timeout=ctx.lease_seconds,
         result_ttl=3600,
@@ -726,6 +899,7 @@ def finish_stuck(ctx: MediaContext, session: Session) -> list[str]:
                 error_message="The worker running this job stopped; the held credits were released.",
             )
         if done:
+            free_place(ctx, ctx.prices.models[job.model].provider, job.id)
             _signal(ctx, job.id, "finished")
             finished.append(job.id)
     return finished
