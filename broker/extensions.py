@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import wraps
 from pathlib import Path
 
 import redis
 import stripe
-from flask import Flask, Response, current_app, g
+from flask import Flask, Response, current_app, g, request
+from flask.sessions import SecureCookieSessionInterface
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_login import LoginManager
@@ -49,6 +52,11 @@ CSP = {
     "base-uri": "'none'",
     "object-src": "'none'",
 }
+# Talisman's max-age and includeSubDomains defaults, for the API's own copy of its headers.
+HSTS = "max-age=31556926; includeSubDomains"
+# The blueprint of the keyed API (broker.api.bp): cookies, CSRF, IP limits and Talisman's per-request
+# work are for pages; its requests skip them (issue 14) and get the same security headers, precomputed.
+API_BLUEPRINT = "api"
 
 
 @dataclass
@@ -146,9 +154,12 @@ def init_web(app: Flask, redis_url: str) -> None:
         REMEMBER_COOKIE_HTTPONLY=True,
         WTF_CSRF_TIME_LIMIT=None,
     )
-    login_manager.init_app(app)
-    login_manager.login_view = "auth.login"
-    csrf.init_app(app)
+    app.session_interface = PageSessionInterface()
+    csp = {**CSP, "form-action": f"'self' {app.config['STRIPE_CHECKOUT_ORIGIN']}"}
+    with pages_only(app):
+        login_manager.init_app(app)
+        login_manager.login_view = "auth.login"
+        csrf.init_app(app)
 
     # After-request functions run in reverse order of registration, so this one runs after
     # flask-limiter's, which would replace a view's own Retry-After with its window's end.
@@ -158,19 +169,89 @@ def init_web(app: Flask, redis_url: str) -> None:
             response.headers["Retry-After"] = str(g.retry_after)
         return response
 
-    limiter.init_app(app)
-    # One Talisman per app: it keeps its options on itself, and the CSP differs between apps.
-    Talisman(
-        app,
-        # TLS ends at the proxy; a redirect would break API POSTs. HSTS keeps browsers on HTTPS.
-        force_https=False,
-        strict_transport_security=production,
-        session_cookie_secure=production,
-        # The checkout form answers with a redirect to Stripe's hosted page; form-action governs it too.
-        content_security_policy={**CSP, "form-action": f"'self' {app.config['STRIPE_CHECKOUT_ORIGIN']}"},
-        referrer_policy="strict-origin-when-cross-origin",
-        frame_options="DENY",
-    )
+    with pages_only(app):
+        limiter.init_app(app)
+        # One Talisman per app: it keeps its options on itself, and the CSP differs between apps.
+        Talisman(
+            app,
+            # TLS ends at the proxy; a redirect would break API POSTs. HSTS keeps browsers on HTTPS.
+            force_https=False,
+            strict_transport_security=production,
+            session_cookie_secure=production,
+            # The checkout form answers with a redirect to Stripe's hosted page; form-action governs it too.
+            content_security_policy=csp,
+            referrer_policy="strict-origin-when-cross-origin",
+            frame_options="DENY",
+        )
+    init_api_headers(app, csp, production)
+
+
+def is_api_request() -> bool:
+    """Whether this request was routed to the keyed API blueprint (``/v1`` less register and links)."""
+    return request.blueprint == API_BLUEPRINT
+
+
+class pages_only:  # noqa: N801  (used as ``with pages_only(app):``)
+    """The app-wide before/after-request hooks registered inside the block skip API requests."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+
+    def __enter__(self) -> None:
+        self.before = list(self.app.before_request_funcs.get(None, ()))
+        self.after = list(self.app.after_request_funcs.get(None, ()))
+
+    def __exit__(self, *_exc: object) -> None:
+        funcs = self.app.before_request_funcs.setdefault(None, [])
+        funcs[:] = [f if f in self.before else _skip_before(f) for f in funcs]
+        funcs = self.app.after_request_funcs.setdefault(None, [])
+        funcs[:] = [f if f in self.after else _skip_after(f) for f in funcs]
+
+
+def _skip_before(hook: Callable[[], object]) -> Callable[[], object]:
+    @wraps(hook)
+    def pages_only_hook() -> object:
+        return None if is_api_request() else hook()
+
+    return pages_only_hook
+
+
+def _skip_after(hook: Callable[[Response], Response]) -> Callable[[Response], Response]:
+    @wraps(hook)
+    def pages_only_hook(response: Response) -> Response:
+        return response if is_api_request() else hook(response)
+
+    return pages_only_hook
+
+
+class PageSessionInterface(SecureCookieSessionInterface):
+    """Flask's signed-cookie session, not opened on ``/v1``: the API authenticates by key, never
+    by cookie, and opening one builds a signing serializer per request."""
+
+    def open_session(self, app: Flask, request):  # type: ignore[no-untyped-def]
+        if request.path.startswith("/v1/"):
+            return None  # Flask then uses a null session, which refuses writes
+        return super().open_session(app, request)
+
+
+def init_api_headers(app: Flask, csp: dict[str, str], production: bool) -> None:
+    """The headers Talisman sends on pages, on API answers too, without its per-request work."""
+    fixed = {
+        "Permissions-Policy": "browsing-topics=()",
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "; ".join(f"{name} {value}" for name, value in csp.items()),
+        "Referrer-Policy": "strict-origin-when-cross-origin",
+    }
+
+    @app.after_request
+    def _api_security_headers(response: Response) -> Response:
+        if is_api_request():
+            response.headers.update(fixed)
+            # As Talisman: HSTS in production on HTTPS (TLS ended at a trusted proxy included).
+            if production and (request.is_secure or request.headers.get("X-Forwarded-Proto") == "https"):
+                response.headers["Strict-Transport-Security"] = HSTS
+        return response
 
 
 def init_app(app: Flask) -> Services:
