@@ -411,10 +411,15 @@ def _complete(m: Metering, ctx: _Call, provider: ChatProvider) -> ChatResponse:
 def _billable_usage(ctx: _Call, reported: Usage | None, delivered: str, finished: bool) -> tuple[Usage, bool]:
     """The provider's usage when it reported a complete, valid one, else an estimate (flagged).
 
-    A report with a negative count is not a usage: it is replaced by the estimate as a whole."""
-    if reported is not None and min(vars(reported).values(), default=0) < 0:
-        reported = None
-    if reported is not None and finished and (reported.prompt_tokens or reported.output_tokens):
+    A report with an invalid count (negative, not a whole number) is not a usage: it is replaced by
+    the estimate as a whole. A count above what the model can take (its context window) or write
+    (``max_tokens`` × ``n``) is cut to that, flagged ``capped`` (``pricing.usage_in_range``). A
+    report of no output for delivered text is incomplete: its output is estimated."""
+    if reported is not None:
+        output_bound = ctx.call.max_tokens * ctx.call.n
+        reported = pricing.usage_in_range(reported, ctx.price.context_window or pricing.MAX_COUNT, output_bound)
+    complete = reported is not None and reported.prompt_tokens > 0 and (reported.output_tokens > 0 or not delivered)
+    if reported is not None and finished and complete:
         return reported, False
     usage = reported or Usage()
     if not usage.prompt_tokens:
@@ -435,7 +440,8 @@ def _settle(
     cost = pricing.chat_cost_usd(ctx.price, usage)
     charge = pricing.charge_ucr(cost, m.markup, m.credit_usd)
     receipt = _receipt(m, ctx, usage, cost, status, estimated)
-    receipt.update(stream=stream, capped=charge > ctx.hold and not ctx.caller.marketplace, error_code=error_code)
+    capped = usage.capped or (charge > ctx.hold and not ctx.caller.marketplace)
+    receipt.update(stream=stream, capped=capped, error_code=error_code)
     if ctx.caller.marketplace:
         receipt["detail"] = json.dumps({"marketplace": "rapidapi", "plan": ctx.caller.marketplace, "list_ucr": charge})
         m.ledger.record_metered(ctx.caller.account_id, ctx.request_id, receipt)

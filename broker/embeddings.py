@@ -111,9 +111,15 @@ def start(m: Metering, caller: Caller, req: EmbeddingRequest, request_id: str) -
     except BrokerError as error:
         chat._release(m, ctx, error)
         raise
-    estimated = reported is None
-    tokens = estimate(texts) + sum(len(item) for item in inputs if isinstance(item, list)) if estimated else reported
-    ended, _, _ = chat._settle(m, ctx, Usage(input_tokens=tokens), estimated, "ok")
+    # The reported count passes chat's check: invalid, the estimate; above what the model takes
+    # (its context window per input), cut and flagged.
+    most = price.context_window * len(inputs) or pricing.MAX_COUNT
+    usage = pricing.usage_in_range(Usage(input_tokens=reported), most, 0) if reported is not None else None
+    estimated = usage is None
+    if usage is None:
+        usage = Usage(input_tokens=estimate(texts) + sum(len(item) for item in inputs if isinstance(item, list)))
+    tokens = usage.input_tokens
+    ended, _, _ = chat._settle(m, ctx, usage, estimated, "ok")
     data = [
         {
             "object": "embedding",

@@ -25,6 +25,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# BIGINT for ids and token counts; INTEGER on SQLite, where it is 64-bit already and
+# "INTEGER PRIMARY KEY" is the autoincrementing rowid (migration 0009 alters PostgreSQL only).
+INT64 = BigInteger().with_variant(Integer, "sqlite")
+
+
 class Account(Base):
     """A customer: owns keys, a balance (in Redis, mirrored by the ledger) and usage."""
 
@@ -77,7 +82,7 @@ class LedgerEntry(Base):
 
     __tablename__ = "ledger_entries"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(INT64, primary_key=True)
     entry_id: Mapped[str] = mapped_column(String(120), unique=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
     kind: Mapped[str] = mapped_column(String(16))
@@ -95,7 +100,7 @@ class UsageRecord(Base):
 
     __tablename__ = "usage_records"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(INT64, primary_key=True)
     request_id: Mapped[str] = mapped_column(String(64), unique=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
     key_id: Mapped[int | None] = mapped_column(Integer)
@@ -104,11 +109,11 @@ class UsageRecord(Base):
     model: Mapped[str] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(20))
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
-    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    cached_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    cache_write_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    cache_write_1h_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    input_tokens: Mapped[int] = mapped_column(INT64, default=0)
+    cached_input_tokens: Mapped[int] = mapped_column(INT64, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(INT64, default=0)
+    cache_write_1h_tokens: Mapped[int] = mapped_column(INT64, default=0)
+    output_tokens: Mapped[int] = mapped_column(INT64, default=0)
     cost_usd: Mapped[str] = mapped_column(String(40), default="0")
     markup: Mapped[str] = mapped_column(String(20), default="1")
     charged_ucr: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 from broker.errors import NotFound
-from broker.providers.base import ImageUsage, Usage
+from broker.providers.base import MAX_COUNT, ImageUsage, Usage
 
 UCR_PER_CREDIT = 1_000_000
 MILLION = Decimal(1_000_000)
@@ -120,6 +120,33 @@ def chat_cost_usd(price: ModelPrice, usage: Usage) -> Decimal:
         + usage.output_tokens * price.output
     )
     return total / MILLION
+
+
+PROMPT_CLASSES = ("input_tokens", "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens")
+OUTPUT_PARTS = ("reasoning_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens")
+
+
+def usage_in_range(usage: Usage, prompt_bound: int, output_bound: int) -> Usage | None:
+    """Every kind's provider usage passes here before it is priced or stored.
+
+    None when a count is invalid (negative, or not a whole number: the adapters read those as
+    negative, see ``base.count_of``): the caller then estimates. Else the usage with the prompt
+    classes together cut to ``prompt_bound`` and the output to ``output_bound`` (each bound below
+    ``MAX_COUNT``), flagged ``capped`` when anything was cut.
+    """
+    counts = [getattr(usage, name) for name in (*PROMPT_CLASSES, "output_tokens", *OUTPUT_PARTS)]
+    if any(not isinstance(count, int) or isinstance(count, bool) or count < 0 for count in counts):
+        return None
+    cut: dict[str, int] = {}
+    room = min(prompt_bound, MAX_COUNT - 1)
+    for name in PROMPT_CLASSES:
+        cut[name] = min(getattr(usage, name), room)
+        room -= cut[name]
+    cut["output_tokens"] = min(usage.output_tokens, output_bound, MAX_COUNT - 1)
+    for name in OUTPUT_PARTS:
+        cut[name] = min(getattr(usage, name), cut["output_tokens"])
+    capped = usage.capped or any(cut[name] != getattr(usage, name) for name in cut)
+    return replace(usage, **cut, capped=capped)
 
 
 # An input image is held at this many prompt tokens, unless its model's price-table rules say

@@ -34,7 +34,7 @@ from broker.chat import ChatResponse, Metering
 from broker.errors import BrokerError, InvalidRequest, NotFound, UpstreamStreamBroken
 from broker.keys import Caller
 from broker.ledger import Hold, HoldEnd
-from broker.providers.base import ChatCall, Usage
+from broker.providers.base import ChatCall, Usage, count_of, net_count
 from broker.schemas import ResponsesRequest
 
 BINDING_SECONDS = 30 * 24 * 3600  # OpenAI keeps stored responses 30 days
@@ -167,12 +167,11 @@ def _usage(data: object) -> Usage | None:
     out = data.get("output_tokens_details") if isinstance(data.get("output_tokens_details"), dict) else {}
 
     def count(source: dict, name: str) -> int:
-        value = source.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+        return count_of(source.get(name))  # an odd count stays visible to chat._billable_usage
 
     cached, written = count(details, "cached_tokens"), count(details, "cache_write_tokens")
     usage = Usage(
-        input_tokens=max(count(data, "input_tokens") - cached - written, 0),
+        input_tokens=net_count(count(data, "input_tokens"), cached, written),
         cached_input_tokens=cached,
         cache_write_tokens=written,
         output_tokens=count(data, "output_tokens"),

@@ -49,6 +49,9 @@ from broker.providers.base import (
     UpstreamRateLimited,
     Usage,
     UsageReport,
+    count_of,
+    net_count,
+    sum_counts,
 )
 
 API_VERSION = "2023-06-01"
@@ -546,18 +549,18 @@ def usage_from(usage: dict) -> Usage:
     Cache writes are split by TTL from ``cache_creation``; a total the breakdown
     does not account for (or a missing breakdown) is billed as the 5-minute kind.
     """
-    written = c.as_int(usage.get("cache_creation_input_tokens"))
+    written = count_of(usage.get("cache_creation_input_tokens"))
     split = c.as_dict(usage.get("cache_creation"))
-    written_1h = c.as_int(split.get("ephemeral_1h_input_tokens"))
-    written_5m = c.as_int(split.get("ephemeral_5m_input_tokens"))
-    written_5m += max(written - written_5m - written_1h, 0)
+    written_1h = count_of(split.get("ephemeral_1h_input_tokens"))
+    written_5m = count_of(split.get("ephemeral_5m_input_tokens"))
+    written_5m = sum_counts(written_5m, net_count(written, written_5m, written_1h))
     return Usage(
-        input_tokens=c.as_int(usage.get("input_tokens")),
-        cached_input_tokens=c.as_int(usage.get("cache_read_input_tokens")),
+        input_tokens=count_of(usage.get("input_tokens")),
+        cached_input_tokens=count_of(usage.get("cache_read_input_tokens")),
         cache_write_tokens=written_5m,
         cache_write_1h_tokens=written_1h,
-        output_tokens=c.as_int(usage.get("output_tokens")),
-        reasoning_tokens=c.as_int(c.as_dict(usage.get("output_tokens_details")).get("thinking_tokens")),
+        output_tokens=count_of(usage.get("output_tokens")),
+        reasoning_tokens=count_of(c.as_dict(usage.get("output_tokens_details")).get("thinking_tokens")),
     )
 
 

@@ -7,6 +7,7 @@ usage numbers in a provider-neutral ``Usage``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,9 +33,48 @@ class Usage:
     accepted_prediction_tokens: int = 0
     rejected_prediction_tokens: int = 0
 
+    # Set by the broker (``pricing.usage_in_range``), never by an adapter: a count was cut to its bound.
+    capped: bool = False
+
     @property
     def prompt_tokens(self) -> int:
         return self.input_tokens + self.cached_input_tokens + self.cache_write_tokens + self.cache_write_1h_tokens
+
+
+# Provider usage is read with these, so that an odd count reaches the one check of every kind's
+# usage (``pricing.usage_in_range``) instead of silently becoming 0: -1 marks an invalid count.
+INVALID_COUNT = -1
+# A count at or above 2**53 is past what a JSON reader keeps exactly; usage_in_range cuts it.
+MAX_COUNT = 2**53
+
+
+def count_of(value: object) -> int:
+    """A token count from a provider's JSON: absent or null is 0, a whole number is itself (a huge
+    one too: it is cut later), infinity is ``MAX_COUNT``; a string, a bool, a fraction or NaN is
+    ``INVALID_COUNT``, and so is a negative number (kept as is)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        return INVALID_COUNT
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value == math.inf:
+        return MAX_COUNT
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return INVALID_COUNT
+
+
+def net_count(total: int, *parts: int) -> int:
+    """``total`` less its ``parts`` (never below 0); invalid when any of them is (negative)."""
+    if total < 0 or min(parts, default=0) < 0:
+        return INVALID_COUNT
+    return max(total - sum(parts), 0)
+
+
+def sum_counts(*counts: int) -> int:
+    """The sum of counts; invalid when any of them is (negative)."""
+    return INVALID_COUNT if min(counts, default=0) < 0 else sum(counts)
 
 
 @dataclass

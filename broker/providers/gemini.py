@@ -30,6 +30,9 @@ from broker.providers.base import (
     ToolCallDelta,
     Usage,
     UsageReport,
+    count_of,
+    net_count,
+    sum_counts,
 )
 
 UNSUPPORTED = "unsupported_parameter"
@@ -329,13 +332,13 @@ def finish_reason(reason: object) -> str | None:
 
 def usage_from(meta: dict) -> Usage:
     """``promptTokenCount`` includes the cached tokens; thinking is billed as output."""
-    cached = c.as_int(meta.get("cachedContentTokenCount"))
-    prompt = max(c.as_int(meta.get("promptTokenCount")) - cached, 0)
-    thoughts = c.as_int(meta.get("thoughtsTokenCount"))
+    cached = count_of(meta.get("cachedContentTokenCount"))
+    prompt = net_count(count_of(meta.get("promptTokenCount")), cached)
+    thoughts = count_of(meta.get("thoughtsTokenCount"))
     return Usage(
-        input_tokens=prompt + c.as_int(meta.get("toolUsePromptTokenCount")),
+        input_tokens=sum_counts(prompt, count_of(meta.get("toolUsePromptTokenCount"))),
         cached_input_tokens=cached,
-        output_tokens=c.as_int(meta.get("candidatesTokenCount")) + thoughts,
+        output_tokens=sum_counts(count_of(meta.get("candidatesTokenCount")), thoughts),
         reasoning_tokens=thoughts,
     )
 

@@ -29,6 +29,8 @@ from broker.providers.base import (
     ToolCallDelta,
     Usage,
     UsageReport,
+    count_of,
+    net_count,
 )
 from broker.schemas import EXTRA_FIELDS
 
@@ -175,19 +177,18 @@ def usage_from(usage: dict) -> Usage:
     """``cached_tokens`` and ``cache_write_tokens`` are parts of ``prompt_tokens``; reasoning and
     rejected-prediction tokens are parts of ``completion_tokens`` (billed as output)."""
     details = c.as_dict(usage.get("prompt_tokens_details"))
-    cached = c.as_int(details.get("cached_tokens"))
-    written = c.as_int(details.get("cache_write_tokens"))
+    cached = count_of(details.get("cached_tokens"))
+    written = count_of(details.get("cache_write_tokens"))
     out = c.as_dict(usage.get("completion_tokens_details"))
-    prompt = c.as_int(usage.get("prompt_tokens"))
     return Usage(
-        # A negative prompt count stays negative: the chat path then bills an estimate instead.
-        input_tokens=max(prompt - cached - written, 0) if prompt >= 0 else prompt,
+        # An invalid count stays invalid (see count_of): the chat path then bills an estimate instead.
+        input_tokens=net_count(count_of(usage.get("prompt_tokens")), cached, written),
         cached_input_tokens=cached,
         cache_write_tokens=written,
-        output_tokens=c.as_int(usage.get("completion_tokens")),
-        reasoning_tokens=c.as_int(out.get("reasoning_tokens")),
-        accepted_prediction_tokens=c.as_int(out.get("accepted_prediction_tokens")),
-        rejected_prediction_tokens=c.as_int(out.get("rejected_prediction_tokens")),
+        output_tokens=count_of(usage.get("completion_tokens")),
+        reasoning_tokens=count_of(out.get("reasoning_tokens")),
+        accepted_prediction_tokens=count_of(out.get("accepted_prediction_tokens")),
+        rejected_prediction_tokens=count_of(out.get("rejected_prediction_tokens")),
     )
 
 

@@ -89,6 +89,9 @@ class Reply:
     tool_calls: list[dict[str, str]] | None = None  # [{"name", "arguments" (a JSON string)}], when tools were sent
     refusal: str | None = None  # the model refuses: content null, this text in `refusal`
     annotations: list[dict[str, Any]] | None = None  # message.annotations (url_citation objects)
+    # Fields sent as given over the chat usage each provider renders (OpenAI `usage`, Anthropic `usage`
+    # in every event that has one, Gemini `usageMetadata`): odd counts such as -5, "12", 1e30 or None.
+    raw_usage: dict[str, Any] | None = None
     # --- media
     character_cost: int | None = None  # ElevenLabs header; None -> default rule, OMIT (-1) -> no header
     image_usage: dict[str, int] | None = None  # Images usage overrides: text_tokens, image_tokens, output_tokens
@@ -498,7 +501,7 @@ def _openai_format_error(data: dict[str, Any]) -> tuple[str, str] | None:
 
 def _openai_usage(r: Reply) -> dict[str, Any]:
     prompt = r.input_tokens + r.cached_tokens + r.cache_write_tokens
-    return {
+    usage = {
         "prompt_tokens": prompt,
         "completion_tokens": r.output_tokens,
         "total_tokens": prompt + r.output_tokens,
@@ -514,6 +517,7 @@ def _openai_usage(r: Reply) -> dict[str, Any]:
             "rejected_prediction_tokens": 0,
         },
     }
+    return _with_raw_usage(r, usage)
 
 
 def _openai(
@@ -1343,7 +1347,12 @@ def _anthropic_usage(r: Reply, output_tokens: int, media_tokens: int = 0) -> dic
     usage["inference_geo"] = "global"
     if r.reasoning_tokens:
         usage["output_tokens_details"] = {"thinking_tokens": r.reasoning_tokens}
-    return usage
+    return _with_raw_usage(r, usage)
+
+
+def _with_raw_usage(r: Reply, usage: dict[str, Any]) -> dict[str, Any]:
+    """The usage with `Reply.raw_usage`'s fields over it."""
+    return {**usage, **(r.raw_usage or {})}
 
 
 def _anthropic_content(r: Reply, data: dict[str, Any], mid: str) -> tuple[list[dict[str, Any]], str]:
@@ -1533,7 +1542,7 @@ def _anthropic(
                 usage = _anthropic_input_usage(r, media_tokens)
                 del usage["cache_creation"]
                 usage["output_tokens"] = output_tokens
-                delta["usage"] = usage
+                delta["usage"] = _with_raw_usage(r, usage)
             yield _sse("message_delta", delta)
         yield _sse("message_stop", {"type": "message_stop"})
 
@@ -1788,7 +1797,7 @@ def _gemini_usage(r: Reply, final: bool) -> dict[str, Any]:
         usage["cacheTokensDetails"] = [{"modality": "TEXT", "tokenCount": r.cached_tokens}]
     if final and r.reasoning_tokens:
         usage["thoughtsTokenCount"] = r.reasoning_tokens
-    return usage
+    return _with_raw_usage(r, usage)
 
 
 def _gemini(
