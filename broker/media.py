@@ -786,7 +786,9 @@ def _generate(
             "text_output_tokens": usage.text_output_tokens,
             "estimated": False,
         }
-        return result.images, pricing.image_cost_usd(price, usage), detail
+        # A report past what the hold covers costs the bound it was held at (the ledger takes no more).
+        bound = _image_bound_usd(price, ImageRequest(model=price.id, **params))
+        return result.images, min(pricing.image_cost_usd(price, usage), bound), detail
     return _run_music(ctx, session, job, price, params, retries_left)
 
 

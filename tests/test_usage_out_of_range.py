@@ -5,6 +5,7 @@ its output count, for a streamed and a non-streamed chat, on SQLite and PostgreS
 gets its answer with a charge no larger than the hold, the receipt says ``estimated`` (an invalid
 count: the delivered-text estimate) or ``capped`` (a count past its bound, cut), the drain copies
 every entry, the usage list answers, and ``reconcile`` finds every account consistent (issue 10, item 10).
+Embeddings and image jobs get the same odd counts.
 """
 
 from __future__ import annotations
@@ -138,3 +139,27 @@ def test_postgresql_counts_and_ids_are_64_bit(postgres_url):
                 assert kind == "bigint", table
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("db_backend", DB_BACKENDS, indirect=True)
+@pytest.mark.parametrize(
+    ("value", "estimated"), [(-5, True), (12.5, True), (10**30, False)], ids=["negative", "fraction", "1e30"]
+)
+def test_image_job_usage_out_of_range(value, estimated, db_backend, app, client, tenant, upstream, worker):
+    """An image's usage goes through the adapter's check: an invalid count prices the job at its
+    bound (flagged ``estimated``); a huge one is charged no more than the hold and stored."""
+    upstream.queue(Reply(image_usage={"text_tokens": 9, "image_tokens": 0, "output_tokens": value}))
+    response = client.post(
+        "/v1/images/generations",
+        json={"model": "openai/gpt-image-1", "prompt": "a kite", "size": "1024x1024", "quality": "low"},
+        headers=tenant.headers,
+    )
+    assert response.status_code == 200, response.get_data(as_text=True)
+    request_id = response.headers["X-Request-Id"]
+    receipts = client.get("/v1/usage?endpoint=image", headers=tenant.headers)
+    assert receipts.status_code == 200, receipts.get_data(as_text=True)
+    (receipt,) = receipts.get_json()["data"]
+    assert receipt["flags"]["estimated"] is estimated, (request_id, receipt)
+    assert 0 < receipt["charged_ucr"] <= receipt["hold_ucr"]
+    assert all(0 <= count < 2**63 for count in receipt["tokens"].values())
+    assert_invariant(app)

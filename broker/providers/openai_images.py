@@ -10,7 +10,7 @@ import requests
 from broker.errors import UpstreamError, UpstreamRejected
 from broker.providers import _common as c
 from broker.providers import registry
-from broker.providers.base import ImageResult, ImageUsage, MediaFile
+from broker.providers.base import MAX_COUNT, ImageResult, ImageUsage, MediaFile, count_of, net_count
 from broker.providers.openai import OPENAI_SETTINGS
 
 _FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
@@ -77,34 +77,34 @@ class OpenAIImagesProvider:
         return c.status_error(self.name, response, self._api_key)
 
 
-def usage_from(usage: dict) -> ImageUsage:
+def usage_from(usage: dict) -> ImageUsage | None:
     """Input split by ``input_tokens_details``; output by ``output_tokens_details`` when sent.
 
-    Without output details every output token is an image token (gpt-image-1).
+    Without output details every output token is an image token (gpt-image-1). None (the job is
+    priced at its bound, flagged estimated) when a count is invalid (``base.count_of``); a huge
+    count is cut below ``MAX_COUNT`` (the job's cost is cut to its bound by ``broker.media``).
     """
     inputs = c.as_dict(usage.get("input_tokens_details"))
-    image_in = c.as_int(inputs.get("image_tokens"))
-    text_in = c.as_int(inputs.get("text_tokens")) if "text_tokens" in inputs else None
+    image_in = count_of(inputs.get("image_tokens"))
+    text_in = count_of(inputs.get("text_tokens")) if "text_tokens" in inputs else None
     if text_in is None:
-        text_in = max(c.as_int(usage.get("input_tokens")) - image_in, 0)
-    output = c.as_int(usage.get("output_tokens"))
+        text_in = net_count(count_of(usage.get("input_tokens")), image_in)
+    output = count_of(usage.get("output_tokens"))
     outputs = c.as_dict(usage.get("output_tokens_details"))
     has_image, has_text = "image_tokens" in outputs, "text_tokens" in outputs
     if has_image or has_text:
-        image_out = c.as_int(outputs.get("image_tokens")) if has_image else None
-        text_out = c.as_int(outputs.get("text_tokens")) if has_text else None
+        image_out = count_of(outputs.get("image_tokens")) if has_image else None
+        text_out = count_of(outputs.get("text_tokens")) if has_text else None
         if image_out is None:
-            image_out = max(output - (text_out or 0), 0)
+            image_out = net_count(output, text_out or 0)
         if text_out is None:
-            text_out = max(output - image_out, 0)
+            text_out = net_count(output, image_out)
     else:
         image_out, text_out = output, 0
-    return ImageUsage(
-        text_input_tokens=text_in,
-        image_input_tokens=image_in,
-        image_output_tokens=image_out,
-        text_output_tokens=text_out,
-    )
+    counts = (text_in, image_in, image_out, text_out)
+    if min(counts) < 0:
+        return None
+    return ImageUsage(*(min(count, MAX_COUNT - 1) for count in counts))
 
 
 def _decode(item: object) -> bytes:
