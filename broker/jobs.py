@@ -218,17 +218,18 @@ class MediaPool:
 
     def _keep_one(self, svc: Services, running: media.Running) -> None:
         ctx = svc.media
-        half = ctx.lease_seconds / 2
+        # Renewed once a quarter of it has passed: a process that stops leaves it at least half a lease.
+        due = ctx.lease_seconds * 3 / 4
         if not running.ended and time.monotonic() > running.deadline:
             if media.time_out(ctx, svc.db(), running, self.timeout):
                 log.warning("media job timed out", extra={"job_id": running.job_id, "timeout": self.timeout})
         elif (
             not running.ended
             and running.lease_until is not None
-            and (running.lease_until - datetime.now(UTC)).total_seconds() < half
+            and (running.lease_until - datetime.now(UTC)).total_seconds() < due
         ):
             media.renew_lease(ctx, svc.db(), running)
-        if running.provider and running.place_until - time.time() < half:
+        if running.provider and running.place_until - time.time() < due:
             running.place_until = time.time() + ctx.lease_seconds
             media.renew_place(ctx, running.provider, running.job_id, running.place_until)
 

@@ -28,7 +28,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Self
@@ -141,6 +141,11 @@ class FakeUpstream:
         self.elevenlabs_base = ""  # ElevenLabs(base_url=…) / adapters append /v1/text-to-speech/…
         self.suno_base = ""  # adapters append /api/v1/generate
         self.last_outputs: list[bytes] = []  # images / audio / clip bytes of the latest media response
+        # Requests being answered now, and the most at once, per provider; both count only requests
+        # that arrived since the last reset (a request from an earlier test may still be sleeping).
+        self.in_flight: dict[str, int] = {}
+        self.max_in_flight: dict[str, int] = {}
+        self._epoch = 0
         self._queue: deque[Reply] = deque()
         self._suno_tasks: dict[str, _SunoTask] = {}
         self._suno_clips: dict[str, _SunoTask] = {}
@@ -201,6 +206,8 @@ class FakeUpstream:
             self.requests.clear()
             self.default = Reply()
             self.last_outputs = []
+            self.in_flight, self.max_in_flight = {}, {}
+            self._epoch += 1
             self._suno_tasks.clear()
             self._suno_clips.clear()
 
@@ -215,6 +222,38 @@ class FakeUpstream:
     def _served(self, outputs: list[bytes]) -> None:
         with self._lock:
             self.last_outputs = list(outputs)
+
+    def _enter(self, provider: str) -> int:
+        with self._lock:
+            now = self.in_flight[provider] = self.in_flight.get(provider, 0) + 1
+            self.max_in_flight[provider] = max(self.max_in_flight.get(provider, 0), now)
+            return self._epoch
+
+    def _leave(self, provider: str, epoch: int) -> None:
+        with self._lock:
+            if epoch == self._epoch:
+                self.in_flight[provider] -= 1
+
+
+class _Answered:
+    """A response body that counts its request out of ``in_flight`` once sent (WSGI calls ``close``)."""
+
+    def __init__(self, body: Iterable[bytes], leave: Callable[[], None]) -> None:
+        self._body = body
+        self._leave: Callable[[], None] | None = leave
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        try:
+            if close is not None:
+                close()
+        finally:
+            if self._leave is not None:
+                self._leave, leave = None, self._leave
+                leave()
 
 
 class _Handler(WSGIRequestHandler):
@@ -2768,7 +2807,13 @@ def make_wsgi_app(fake: FakeUpstream) -> WSGIApplication:
                     json=data if isinstance(data, dict) else {},
                 )
             )
-        return handler(fake, environ, start_response, data)
+        epoch = fake._enter(provider)
+        try:
+            body = handler(fake, environ, start_response, data)
+        except BaseException:
+            fake._leave(provider, epoch)
+            raise
+        return _Answered(body, lambda: fake._leave(provider, epoch))
 
     return app
 
