@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import chain
 
-from broker import metrics, pricing
+from broker import limits, metrics, pricing
 from broker.errors import (
     BrokerError,
     InsufficientCredits,
@@ -228,10 +228,21 @@ def take_hold(
     # 402 saying what that needs.
     floor = 1 if requested else min(m.min_output_tokens + reasoning_tokens, price.max_output_tokens)
     hold = m.ledger.hold(
-        caller.account_id, request_id, fixed, per_token, requested or 0, price.max_output_tokens, min_tokens=floor
+        caller.account_id,
+        request_id,
+        fixed,
+        per_token,
+        requested or 0,
+        price.max_output_tokens,
+        min_tokens=floor,
+        key_id=caller.key_id,
+        spend_cap_ucr=caller.spend_cap_ucr,
     )
     if not hold.ok:
-        raise _insufficient(hold.balance, fixed + (requested or floor) * per_token, floor if not requested else None)
+        needed = fixed + (requested or floor) * per_token
+        raise limits.hold_refusal(hold.why, caller.spend_cap_ucr) or _insufficient(
+            hold.balance, needed, floor if not requested else None
+        )
     return hold
 
 
@@ -452,7 +463,7 @@ def _settle(
         ctx.request_id,
         charge,
         receipt,
-        extra=lambda pipe: stamp_use(pipe, ctx.caller, charge),
+        extra=lambda pipe: stamp_use(pipe, ctx.caller),
     )
     metrics.CREDITS_CHARGED.labels(ctx.endpoint).inc(ended.charged)
     if ended.status != "ended":

@@ -20,7 +20,7 @@ import base64
 import struct
 from datetime import UTC, datetime
 
-from broker import chat, pricing
+from broker import chat, limits, pricing
 from broker.chat import ChatResponse, Metering
 from broker.errors import BrokerError, InvalidRequest
 from broker.keys import Caller
@@ -89,9 +89,11 @@ def start(m: Metering, caller: Caller, req: EmbeddingRequest, request_id: str) -
     if caller.marketplace:
         hold = Hold(True, 0, 1, 0)  # RapidAPI bills the marketplace caller: metered only
     else:
-        hold = m.ledger.hold(caller.account_id, request_id, fixed, 0, 1, 1)
+        hold = m.ledger.hold(
+            caller.account_id, request_id, fixed, 0, 1, 1, key_id=caller.key_id, spend_cap_ucr=caller.spend_cap_ucr
+        )
         if not hold.ok:
-            raise chat._insufficient(hold.balance, fixed)
+            raise limits.hold_refusal(hold.why, caller.spend_cap_ucr) or chat._insufficient(hold.balance, fixed)
     ctx = chat._Call(
         request_id,
         caller,

@@ -55,9 +55,9 @@ MAX_KEYS_PER_ACCOUNT = 100
 AUTH_FAILURES_PER_MINUTE = 30
 DEFAULT_CACHE_SECONDS = 300
 
-# KEYS: cache entry, minute counter, day counter, spend of the day (one hash tag)
+# KEYS: cache entry, minute counter, day counter (one hash tag)
 # ARGV: an entry to store when there is none ('' = none), its TTL, the counters' TTLs
-# Returns {} (no entry), {tombstone}, or {entry, minute count, day count, spent today}.
+# Returns {} (no entry), {tombstone}, or {entry, minute count, day count}.
 AUTH_SCRIPT = r"""
 local entry = redis.call('GET', KEYS[1])
 if not entry and ARGV[1] ~= '' then
@@ -70,7 +70,7 @@ local minute = redis.call('INCR', KEYS[2])
 if minute == 1 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
 local day = redis.call('INCR', KEYS[3])
 if day == 1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
-return {entry, minute, day, redis.call('GET', KEYS[4]) or '0'}
+return {entry, minute, day}
 """
 
 # KEYS: cache entry. ARGV: entry, TTL. Never replaces a tombstone: a revoked key stays revoked.
@@ -146,6 +146,7 @@ class Caller:
     key_id: int
     marketplace: str | None = None
     rate_tag: str = ""  # what the key's rate counters are named by
+    spend_cap_ucr: int = 0  # the key's daily spend cap (0: none), kept by the ledger's holds
 
 
 def create_key(
@@ -237,7 +238,7 @@ def authenticate(
         )
     if reply[0] == TOMBSTONE:
         _refuse(client, client_id, now, failures_per_minute)
-    entry, minute_count, day_count, spent = reply
+    entry, minute_count, day_count = reply
     account_id, key_id, expires, per_minute, per_day, cap = entry.split(":")
     if expires and float(expires) <= now:
         raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
@@ -246,17 +247,18 @@ def authenticate(
         int(per_day or defaults.per_day),
         int(cap or defaults.spend_per_day_ucr),
     )
-    headers = limits.check(own, int(minute_count), int(day_count), int(spent), now)
-    return Caller(int(account_id), int(key_id), rate_tag=key_tag(digest)), headers
+    headers = limits.check(own, int(minute_count), int(day_count), now)
+    caller = Caller(int(account_id), int(key_id), rate_tag=key_tag(digest), spend_cap_ucr=own.spend_per_day_ucr)
+    return caller, headers
 
 
 def _count(client: redis.Redis, digest: str, now: float, fill: str = "", fill_seconds: int = 0) -> list:
     """The key's cache entry (stored first when absent and ``fill`` is given) and, for a live key, its counts."""
-    minute_key, day_key, spend_key = limits.counter_keys(key_tag(digest), now)
+    minute_key, day_key = limits.counter_keys(key_tag(digest), now)
     return _script(
         client,
         "auth",
-        [cache_key(digest), minute_key, day_key, spend_key],
+        [cache_key(digest), minute_key, day_key],
         [fill, fill_seconds, limits.MINUTE_COUNTER_TTL, limits.DAY_COUNTER_TTL],
     )
 
@@ -333,11 +335,10 @@ def set_limits(
     return row
 
 
-def stamp_use(pipe, caller: Caller, charged_ucr: int = 0) -> None:
-    """Queue a last-used stamp and the day's spend on a settle pipeline; ``flush_last_used`` moves stamps to SQL."""
+def stamp_use(pipe, caller: Caller) -> None:
+    """Queue a last-used stamp on a settle pipeline; ``flush_last_used`` moves stamps to SQL."""
     if caller.key_id:
         pipe.hset(LAST_USED, str(caller.key_id), str(int(time.time())))
-    limits.queue_spend(pipe, caller.rate_tag, charged_ucr)
 
 
 def flush_last_used(session: Session, client: redis.Redis) -> int:

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from broker import ledger_scripts, usage
-from broker.models import Account, LedgerEntry, UsageRecord
+from broker.models import Account, LedgerEntry, Purchase, UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ DIRTY = "ledger:dirty"
 EXPIRY = "ledger:hold-expiry"
 MARKER_TTL = 30 * 24 * 3600
 DRAIN_BATCH = 500
+SPEND_DAY = 86400
+SPEND_TTL = 2 * SPEND_DAY
+# A hold script that Redis runs later than this before the caller's socket timeout belongs to
+# a request that has given up (and answered): it is refused rather than left holding credits.
+GIVE_UP_MARGIN = 0.5
 
 
 def keys_of(account_id: int) -> dict[str, str]:
@@ -38,16 +43,44 @@ def keys_of(account_id: int) -> dict[str, str]:
         "held": f"{tag}:held",
         "holds": f"{tag}:holds",
         "log": f"{tag}:log",
+        "holdspend": f"{tag}:holdspend",  # hold id -> the spend counter its amount is reserved on
+        "estimates": f"{tag}:est",  # hold id -> what a live stream has delivered so far, in µcr
+        "debts": f"{tag}:debts",  # refund ref -> µcr still owed from open holds
+        "debtq": f"{tag}:debtq",  # refund refs, oldest first
         "tag": tag,
     }
 
 
+def spend_key(account_id: int, key_id: int, now: float) -> str:
+    """The counter of what one API key spent (and holds) on one UTC day, in the account's slot."""
+    return f"{{acct:{account_id}}}:spend:{key_id}:{int(now // SPEND_DAY)}"
+
+
+def _end_keys(k: dict[str, str], hold_id: str) -> list[str]:
+    return [
+        k["bal"],
+        k["held"],
+        k["holds"],
+        k["log"],
+        f"{k['tag']}:end:{hold_id}",
+        k["holdspend"],
+        k["estimates"],
+        k["debts"],
+        k["debtq"],
+        f"{k['tag']}:expired:{hold_id}",
+    ]
+
+
 @dataclass
 class Hold:
+    """A hold's outcome; when not ``ok``, ``why`` says what refused it: ``balance``, ``cap`` (the
+    key's daily spend cap) or ``late`` (Redis ran it after the request gave up)."""
+
     ok: bool
     amount: int
     max_tokens: int
     balance: int
+    why: str = ""
 
 
 @dataclass
@@ -82,6 +115,8 @@ class Ledger:
     def __init__(self, client: redis.Redis, hold_ttl: int = 3600) -> None:
         self.redis = client
         self.hold_ttl = hold_ttl
+        pool = getattr(client, "connection_pool", None)
+        self.socket_timeout = (pool.connection_kwargs.get("socket_timeout") if pool else None) or 0
         self._sources = {
             "hold": ledger_scripts.HOLD,
             "end": ledger_scripts.END,
@@ -137,22 +172,34 @@ class Ledger:
         max_tokens: int,
         ttl: int | None = None,
         min_tokens: int = 1,
+        key_id: int = 0,
+        spend_cap_ucr: int = 0,
     ) -> Hold:
-        """Reserve ``fixed + tokens × ucr_per_token`` if the balance affords it.
+        """Reserve ``fixed + tokens × ucr_per_token`` if the balance and the key's spend cap afford it.
 
-        With ``requested_tokens`` 0 the token count is the most the balance affords,
-        at most ``max_tokens``, and the hold fails if that is under ``min_tokens``.
-        One round trip: the expiry entry, the dirty flag and
-        the script are pipelined.
+        With ``requested_tokens`` 0 the token count is the most the balance and the cap
+        afford, at most ``max_tokens``, and the hold fails if that is under ``min_tokens``.
+        The amount is reserved on the key's spend of the day until the hold ends.
+        One round trip: the expiry entry, the dirty flag and the script are pipelined.
         """
         k = keys_of(account_id)
-        deadline = time.time() + (ttl or self.hold_ttl)
+        now = time.time()
+        deadline = now + (ttl or self.hold_ttl)
+        give_up_ms = int((now + self.socket_timeout - GIVE_UP_MARGIN) * 1000) if self.socket_timeout else 0
 
         def build(pipe) -> None:
             self._evalsha(
                 pipe,
                 "hold",
-                [k["bal"], k["held"], k["holds"], k["log"], f"{k['tag']}:end:{hold_id}"],
+                [
+                    k["bal"],
+                    k["held"],
+                    k["holds"],
+                    k["log"],
+                    f"{k['tag']}:end:{hold_id}",
+                    k["holdspend"],
+                    spend_key(account_id, key_id, now),
+                ],
                 [
                     hold_id,
                     fixed_ucr,
@@ -161,15 +208,18 @@ class Ledger:
                     max_tokens,
                     _now_ms(),
                     min_tokens,
+                    spend_cap_ucr,
+                    SPEND_TTL,
+                    give_up_ms,
                 ],
             )
             pipe.zadd(EXPIRY, {f"{account_id}|{hold_id}": deadline}, nx=True)
             pipe.sadd(DIRTY, account_id)
 
-        ok, balance, amount, tokens = self._pipeline_run(build)[0]
+        ok, balance, amount, tokens, *why = self._pipeline_run(build)[0]
         if not ok:
             self.redis.zrem(EXPIRY, f"{account_id}|{hold_id}")
-        return Hold(bool(ok), int(amount), int(tokens), int(balance))
+        return Hold(bool(ok), int(amount), int(tokens), int(balance), why[0] if why else "")
 
     def end_hold(
         self,
@@ -182,8 +232,11 @@ class Ledger:
     ) -> HoldEnd:
         """Charge ``min(charge, hold)`` and return the rest; idempotent by hold id.
 
-        ``extra(pipe)`` may add commands (e.g. a key's last-used stamp) to the same
-        round trip.
+        What the hold gives back pays the account's refund debts first. An ``expire`` charges
+        the estimate a live stream recorded (``record_progress``); a ``settle`` that arrives
+        after its hold expired books what that left uncharged as a late charge (status
+        ``ended``). ``extra(pipe)`` may add commands (e.g. a key's last-used stamp) to the
+        same round trip.
         """
         k = keys_of(account_id)
 
@@ -191,13 +244,7 @@ class Ledger:
             self._evalsha(
                 pipe,
                 "end",
-                [
-                    k["bal"],
-                    k["held"],
-                    k["holds"],
-                    k["log"],
-                    f"{k['tag']}:end:{hold_id}",
-                ],
+                _end_keys(k, hold_id),
                 [hold_id, charge_ucr, kind, _now_ms(), json.dumps(receipt), MARKER_TTL],
             )
             pipe.zrem(EXPIRY, f"{account_id}|{hold_id}")
@@ -208,6 +255,18 @@ class Ledger:
         code, charged, balance = self._pipeline_run(build)[0]
         status = {1: "ended", 2: "replay", 3: "unknown"}[code]
         return HoldEnd(status, int(charged), int(balance))
+
+    def record_progress(self, account_id: int, hold_id: str, delivered_ucr: int, ttl: int | None = None) -> None:
+        """A live request's heartbeat: what it has delivered so far, and a later deadline for its hold.
+
+        The reaper then charges ``delivered_ucr`` if the request dies without settling, and
+        does not expire a hold whose request still runs. One round trip.
+        """
+        k = keys_of(account_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(k["estimates"], hold_id, str(max(0, int(delivered_ucr))))
+        pipe.zadd(EXPIRY, {f"{account_id}|{hold_id}": time.time() + (ttl or self.hold_ttl)}, xx=True)
+        pipe.execute()
 
     def release(self, account_id: int, hold_id: str, receipt: dict, extra=None) -> HoldEnd:
         return self.end_hold(account_id, hold_id, 0, receipt, kind="release", extra=extra)
@@ -279,13 +338,22 @@ class Ledger:
         return int(balance)
 
     def debit(
-        self, session: Session, account_id: int, amount_ucr: int, debit_id: str, reason: str
+        self,
+        session: Session,
+        account_id: int,
+        amount_ucr: int,
+        debit_id: str,
+        reason: str,
+        ref: str = "",
     ) -> tuple[bool, int, int]:
         """Take back up to ``amount_ucr`` (never below zero), once per ``debit_id``.
 
-        Returns (applied now, taken, balance after); a replay returns (False, what was
+        Returns (applied now, taken now, balance after); a replay returns (False, what was
         taken then, balance). A debit already copied to SQL is a replay even if Redis
         has since lost its marker. The entry reaches SQL through the stream, drained at once.
+        With a ``ref`` (``purchase_ref``), what the balance lacks is owed from the open
+        holds as they end, and the drain books what is taken and what was already spent on
+        that purchase (``refunded_ucr``, ``shortfall_ucr``).
         """
         done = session.scalar(select(LedgerEntry.total_delta).where(LedgerEntry.entry_id == f"debit:{debit_id}"))
         if done is not None:
@@ -296,17 +364,21 @@ class Ledger:
             self._evalsha(
                 pipe,
                 "debit",
-                [k["bal"], k["log"], f"{k['tag']}:debit:{debit_id}"],
-                [debit_id, amount_ucr, _now_ms(), reason[:200], MARKER_TTL],
+                [k["bal"], k["log"], f"{k['tag']}:debit:{debit_id}", k["held"], k["debts"], k["debtq"]],
+                [debit_id, amount_ucr, _now_ms(), reason[:200], MARKER_TTL, ref],
             )
             pipe.sadd(DIRTY, account_id)
 
-        applied, taken, balance = self._pipeline_run(build)[0]
+        applied, taken, balance, _owed = self._pipeline_run(build)[0]
         # Durable before the caller records it (a purchase marked refunded): copied to SQL now,
         # so Redis restored from an older state cannot bring the credits back (reconcile
         # rebuilds balances from SQL). Metered charges stay on the stream's own schedule.
         self.drain(session, [account_id])
         return bool(applied), int(taken), int(balance)
+
+    def debts(self, account_id: int) -> dict[str, int]:
+        """Refund debts still owed from open holds: ref -> µcr."""
+        return {ref: int(owed) for ref, owed in self.redis.hgetall(keys_of(account_id)["debts"]).items()}
 
     # -- housekeeping -----------------------------------------------------------
 
@@ -364,26 +436,36 @@ class Ledger:
         return copied
 
     def _copy(self, session: Session, account_id: int, entries: list) -> None:
-        rows, receipts = [], []
+        rows, receipts, booked = [], [], []
         for _, fields in entries:
             created = datetime.fromtimestamp(int(fields["ts"]) / 1000, UTC)
-            rows.append(
-                {
-                    "entry_id": fields["e"],
-                    "account_id": account_id,
-                    "kind": fields["k"],
-                    "total_delta": int(fields["t"]),
-                    "held_delta": int(fields["h"]),
-                    "hold_id": fields.get("hid") or None,
-                    "reason": fields.get("why", ""),
-                    "created_at": created,
-                }
-            )
+            row = {
+                "entry_id": fields["e"],
+                "account_id": account_id,
+                "kind": fields["k"],
+                "total_delta": int(fields["t"]),
+                "held_delta": int(fields["h"]),
+                "hold_id": fields.get("hid") or None,
+                "reason": fields.get("why", ""),
+                "created_at": created,
+            }
+            if fields.get("ref") or fields["k"] == "late":
+                booked.append((row, fields))  # changes another row too: exactly once, by itself
+                continue
+            rows.append(row)
             if "r" in fields:
                 receipts.append(_usage_row(account_id, json.loads(fields["r"]), int(fields["t"]), created))
         self._insert_entries(session, rows)
         if receipts:
             usage.store_records(session, receipts)  # and their daily roll-ups, in this transaction
+        for row, fields in booked:
+            if not _insert_one(session, LedgerEntry, row, "entry_id"):
+                continue  # a replay: booked when it was first copied
+            if fields["k"] == "late":
+                receipt = _usage_row(account_id, json.loads(fields["r"]), row["total_delta"], row["created_at"])
+                usage.add_late_charge(session, receipt, -row["total_delta"])
+            else:
+                _book_refund(session, fields["ref"], taken=-row["total_delta"], unpaid=int(fields.get("u", 0)))
 
     @staticmethod
     def _insert_entries(session: Session, rows: list[dict]) -> None:
@@ -488,6 +570,22 @@ class Ledger:
             "ledger repaired",
             extra={"account_id": account_id, "ledger_total_ucr": total},
         )
+
+
+def purchase_ref(purchase_id: int) -> str:
+    """The ``ref`` of a purchase's refund debits (see ``Ledger.debit``)."""
+    return f"p{purchase_id}"
+
+
+def _book_refund(session: Session, ref: str, taken: int, unpaid: int) -> None:
+    """Book on its purchase what a refund took back and what it could not (already spent)."""
+    if not ref.startswith("p") or not ref[1:].isdigit():
+        return
+    session.execute(
+        update(Purchase)
+        .where(Purchase.id == int(ref[1:]))
+        .values(refunded_ucr=Purchase.refunded_ucr + taken, shortfall_ucr=Purchase.shortfall_ucr + unpaid)
+    )
 
 
 def _repair_row(account_id: int, entry_id: str, kind: str, held: int, hold_id: str, now: datetime) -> dict:

@@ -1,10 +1,12 @@
-"""Per-key request limits (per minute and per day), an optional daily spend cap, and failed log-ins per client.
+"""Per-key request limits (per minute and per day), the daily spend cap's refusal, and failed log-ins per client.
 
 The counters are named by the API key's hash tag, so ``keys.authenticate``'s one
 script reads the key's cache entry and counts the request in the same round trip:
 limiting adds no round trip to a request, and only a key the cache names as live is
 ever counted. Fixed windows (the minute and the UTC day) keep it to one INCR each; the
-state is in Redis, so the limits hold across any number of web processes.
+state is in Redis, so the limits hold across any number of web processes. The spend
+cap is kept by the ledger's hold script (each hold reserves its amount on the key's
+spend of the day, in the account's slot), so concurrent requests cannot overshoot it.
 
 Failed authentications are counted per client (its address) in one counter per
 minute, so guessing keys costs Redis one small expiring key per client, not one per
@@ -16,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from broker.errors import RateLimited
+from broker.errors import BrokerError, RateLimited, ServiceUnavailable
 from broker.pricing import format_credits
 
 DAY = 86400
@@ -34,13 +36,13 @@ DAY_COUNTER_TTL = 2 * DAY
 FAILURES = "authfail:"
 
 
-def counter_keys(tag: str, now: float) -> tuple[str, str, str]:
-    """The key's counters of this minute and day and its spend of the day; ``tag`` is its hash tag."""
+def counter_keys(tag: str, now: float) -> tuple[str, str]:
+    """The key's counters of this minute and day; ``tag`` is its hash tag."""
     minute, day = int(now // 60), int(now // DAY)
-    return f"rl:m:{tag}:{minute}", f"rl:d:{tag}:{day}", f"rl:s:{tag}:{day}"
+    return f"rl:m:{tag}:{minute}", f"rl:d:{tag}:{day}"
 
 
-def check(limits: Limits, minute_count: int, day_count: int, spent: int, now: float) -> dict[str, str]:
+def check(limits: Limits, minute_count: int, day_count: int, now: float) -> dict[str, str]:
     """Raise ``RateLimited`` (with Retry-After) when a limit is passed; else the X-RateLimit headers."""
     minute_reset = 60 - int(now) % 60
     day_reset = DAY - int(now) % DAY
@@ -64,21 +66,28 @@ def check(limits: Limits, minute_count: int, day_count: int, spent: int, now: fl
             f"Rate limit: {limits.per_day} requests a day for this key.",
             headers={**day_headers, "Retry-After": str(day_reset)},
         )
-    if limits.spend_per_day_ucr and spent >= limits.spend_per_day_ucr:
-        raise RateLimited(
-            f"Daily spend cap reached: {format_credits(limits.spend_per_day_ucr)} credits a day for this key.",
-            code="spend_cap_reached",
-            headers={**headers, "Retry-After": str(day_reset)},
-        )
     return headers
 
 
-def queue_spend(pipe, tag: str, charged_ucr: int, now: float | None = None) -> None:
-    """Add a charge to the key's spend of the day (pipelined with the settle)."""
-    if charged_ucr > 0 and tag:
-        _, _, spend_key = counter_keys(tag, now or time.time())
-        pipe.incrby(spend_key, charged_ucr)
-        pipe.expire(spend_key, 2 * DAY)
+def hold_refusal(why: str, cap_ucr: int) -> BrokerError | None:
+    """The error for a hold the ledger refused other than for the balance (``Hold.why``); None for the balance."""
+    if why == "cap":
+        return spend_cap_reached(cap_ucr)
+    if why == "late":
+        # Redis answered after this request's call to it had timed out; nothing is held.
+        return ServiceUnavailable("The service is temporarily unavailable; nothing was charged.")
+    return None
+
+
+def spend_cap_reached(cap_ucr: int, now: float | None = None) -> RateLimited:
+    """The 429 for a hold the key's daily spend cap (kept by the ledger's holds) cannot afford."""
+    day_reset = DAY - int(now or time.time()) % DAY
+    return RateLimited(
+        f"Daily spend cap reached: {format_credits(cap_ucr)} credits a day for this key "
+        "(what its requests spent today plus what those still running hold).",
+        code="spend_cap_reached",
+        headers={"Retry-After": str(day_reset)},
+    )
 
 
 def failures_key(client_id: str, now: float) -> str:

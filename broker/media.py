@@ -36,7 +36,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from broker import metrics, pricing
+from broker import limits, metrics, pricing
 from broker.errors import (
     BrokerError,
     Conflict,
@@ -219,9 +219,19 @@ def submit(
         "music": lambda: _music_bound_usd(price, req),
     }[job_type]()
     amount = ctx.charge(bound)
-    hold = ctx.ledger.hold(caller.account_id, request_id, amount, 0, 1, 1, ttl=ctx.hold_ttl)
+    hold = ctx.ledger.hold(
+        caller.account_id,
+        request_id,
+        amount,
+        0,
+        1,
+        1,
+        ttl=ctx.hold_ttl,
+        key_id=caller.key_id,
+        spend_cap_ucr=caller.spend_cap_ucr,
+    )
     if not hold.ok:
-        raise InsufficientCredits(
+        raise limits.hold_refusal(hold.why, caller.spend_cap_ucr) or InsufficientCredits(
             f"Insufficient credits: this {job_type} job needs up to {pricing.format_credits(amount)} credits "
             f"and the balance is {pricing.format_credits(hold.balance)}."
         )

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 
 import redis
 
-from broker import chat, metrics, pricing
+from broker import chat, limits, metrics, pricing
 from broker.chat import ChatResponse, Metering
 from broker.errors import BrokerError, InvalidRequest, NotFound, UpstreamStreamBroken
 from broker.keys import Caller
@@ -264,9 +264,19 @@ def start(m: Metering, r: redis.Redis, caller: Caller, req: ResponsesRequest, re
     if caller.marketplace:
         hold = Hold(True, 0, requested or price.max_output_tokens, 0)
     else:
-        hold = m.ledger.hold(caller.account_id, request_id, fixed, per_token, requested or 0, price.max_output_tokens)
+        hold = m.ledger.hold(
+            caller.account_id,
+            request_id,
+            fixed,
+            per_token,
+            requested or 0,
+            price.max_output_tokens,
+            key_id=caller.key_id,
+            spend_cap_ucr=caller.spend_cap_ucr,
+        )
         if not hold.ok:
-            raise chat._insufficient(hold.balance, fixed + (requested or 16) * per_token)
+            needed = fixed + (requested or 16) * per_token
+            raise limits.hold_refusal(hold.why, caller.spend_cap_ucr) or chat._insufficient(hold.balance, needed)
     namespace = chat.account_namespace(caller.account_id)
     for name, limit in NAMESPACED.items():
         if name in sent:

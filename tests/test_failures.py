@@ -135,7 +135,7 @@ def test_finished_stream_without_usage_is_charged_an_estimate_and_flagged(app, c
     assert_invariant(app)
 
 
-def test_abandoned_hold_is_released_by_the_reaper(app, tenant):
+def test_abandoned_hold_is_released_by_the_reaper_and_a_late_settle_is_charged_once(app, tenant):
     ledger = app.extensions["broker"].ledger
     before = ledger.balance(tenant.account_id)
     held = ledger.hold(tenant.account_id, "req_abandoned", 1000, 10, 50, 100)
@@ -144,9 +144,13 @@ def test_abandoned_hold_is_released_by_the_reaper(app, tenant):
     reaped = ledger.reap_expired(now=time.time() + ledger.hold_ttl + 1)
     assert reaped == [(tenant.account_id, "req_abandoned", 1500)]
     assert ledger.balance(tenant.account_id) == before
+    # The request was alive after all (a slow stream): its settle books the charge late, once.
     late = ledger.end_hold(tenant.account_id, "req_abandoned", 700, {"request_id": "req_abandoned"})
-    assert late.status == "replay" and late.charged == 0
-    assert ledger.balance(tenant.account_id) == before
+    assert (late.status, late.charged) == ("ended", 700)
+    assert ledger.balance(tenant.account_id) == before - 700
+    again = ledger.end_hold(tenant.account_id, "req_abandoned", 700, {"request_id": "req_abandoned"})
+    assert (again.status, again.charged) == ("replay", 700)
+    assert ledger.balance(tenant.account_id) == before - 700
     assert_invariant(app)
 
 

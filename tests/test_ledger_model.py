@@ -3,9 +3,12 @@
 A hypothesis ``RuleBasedStateMachine`` drives ``app.extensions["broker"].ledger``: purchases (grants, and
 the same grant id again), holds (with ``max_tokens``, or as many tokens as the balance affords; refused
 when it cannot), a hold id used twice, settles below / at / above a hold, releases, expiry through
-``reap_expired``, settles and releases sent again (as a retried webhook or job would), refunds (debits,
-never below zero, and the same debit id again) and a Redis that comes back empty (drain, FLUSHALL +
-SCRIPT FLUSH, ``reconcile(repair=True)``).
+``reap_expired`` (charging what a live stream recorded as delivered, ``record_progress``), a settle that
+arrives after its hold expired (booked as a late charge, once), settles and releases sent again (as a
+retried webhook or job would), refunds (debits, never below zero, and the same debit id again; a purchase's
+refund owes what the balance lacks from the open holds, paid as they end, oldest debt first, and gives up
+what the remaining holds cannot cover) and a Redis that comes back empty (drain, FLUSHALL + SCRIPT FLUSH,
+``reconcile(repair=True)``).
 
 The model is the contract of README "Money" and ``broker/ledger.py``: a grant or debit id is applied
 exactly once, a charge never exceeds its hold, every hold ends exactly once, and after Redis lost its
@@ -74,6 +77,9 @@ class LedgerModel(RuleBasedStateMachine):
         self.forgotten: set[str] = set()  # holds that ended, or were released, before Redis lost its data
         self.grants: dict[str, int] = {}  # grant id → amount
         self.debits: dict[str, int] = {}  # debit id → amount taken
+        self.progress: dict[str, int] = {}  # open hold id → what its live stream recorded as delivered
+        self.expired: dict[str, int] = {}  # hold id → its amount, for holds the reaper ended (a late settle may come)
+        self.debts: list[list] = []  # [ref, µcr owed], oldest first
         self.restarts = 0
         self._grant(self.new_id("g"), first_purchase)
 
@@ -190,10 +196,43 @@ class LedgerModel(RuleBasedStateMachine):
         assert (ended.status, ended.charged, ended.balance) == ("ended", 0, self.available)
 
     def _ended(self, hold_id: str, charged: int) -> None:
-        del self.open[hold_id]
+        back = self.open.pop(hold_id) - charged
         self.deadlines.pop(hold_id, None)
+        self.progress.pop(hold_id, None)
         self.ended[hold_id] = charged
         self.total -= charged
+        # What the hold gives back pays the refund debts, oldest first ...
+        while back and self.debts:
+            ref, owed = self.debts[0]
+            pay = min(owed, back)
+            back -= pay
+            self._took(ref, pay)
+            if pay == owed:
+                self.debts.pop(0)
+            else:
+                self.debts[0][1] -= pay
+        # ... and what the open holds can no longer cover is given up, newest first.
+        while sum(owed for _, owed in self.debts) > sum(self.open.values()):
+            excess = sum(owed for _, owed in self.debts) - sum(self.open.values())
+            ref, owed = self.debts[-1]
+            drop = min(owed, excess)
+            if drop == owed:
+                self.debts.pop()
+            else:
+                self.debts[-1][1] -= drop
+
+    def _took(self, ref: str, amount: int) -> None:
+        self.total -= amount  # a refund's debt paid from a hold that ended
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data(), share=st.integers(min_value=0, max_value=100))
+    def stream_progress(self, data, share: int) -> None:
+        """A live stream records what it has delivered so far (its hold's deadline moves on)."""
+        hold_id = data.draw(st.sampled_from(sorted(self.open)), label="hold_id")
+        delivered = self.open[hold_id] * share // 100
+        self.ledger.record_progress(self.account, hold_id, delivered, ttl=SHORT_TTL)
+        self.progress[hold_id] = delivered
+        self.deadlines[hold_id] = time.time() + SHORT_TTL
 
     @rule(data=st.data(), charge=st.integers(min_value=0, max_value=10**7), release=st.booleans())
     def end_again(self, data, charge: int, release: bool) -> None:
@@ -207,7 +246,16 @@ class LedgerModel(RuleBasedStateMachine):
             ended = self.ledger.release(self.account, hold_id, receipt)
         else:
             ended = self.ledger.end_hold(self.account, hold_id, charge, receipt)
-        if hold_id in self.ended:
+        if hold_id in self.expired and not release:
+            # The settle of a request whose hold expired: what the expiry left uncharged is charged now.
+            amount = self.expired.pop(hold_id)
+            late = max(0, min(min(charge, amount) - self.ended[hold_id], self.available))
+            if late:
+                self.ended[hold_id] += late
+                self.total -= late
+            status = "ended" if late else "replay"
+            assert (ended.status, ended.charged) == (status, self.ended[hold_id])
+        elif hold_id in self.ended:
             assert (ended.status, ended.charged) == ("replay", self.ended[hold_id])
         else:
             assert (ended.status, ended.charged) == ("unknown", 0)
@@ -226,29 +274,49 @@ class LedgerModel(RuleBasedStateMachine):
             if account == self.account
         }
         assert due <= {hold_id for hold_id, _ in reaped} <= maybe
-        for hold_id, amount in reaped:
+        for hold_id, amount in sorted(reaped):
             assert amount == self.open[hold_id]
-            self._ended(hold_id, 0)
+            self.expired[hold_id] = amount
+            self._ended(hold_id, self.progress.get(hold_id, 0))
 
     # -- money out --------------------------------------------------------------------------------
 
-    @rule(data=st.data(), amount=DEBITS)
-    def refund(self, data, amount: int) -> None:
-        """A refund takes back what it can from the available balance, never below zero; once per id."""
+    @rule(data=st.data(), amount=DEBITS, owed_from_holds=st.booleans())
+    def refund(self, data, amount: int, owed_from_holds: bool) -> None:
+        """A refund takes back what it can from the available balance, never below zero; once per id.
+
+        A purchase's refund (``ref``) owes the rest from the open holds not already owed to earlier
+        refunds; what they could not cover was spent and is given up at once."""
         if self.debits and data.draw(st.booleans(), label="again"):
             debit_id = data.draw(st.sampled_from(sorted(self.debits)), label="debit_id")
             again = self.ledger.debit(self.session, self.account, amount, debit_id, "refund")
             assert again == (False, self.debits[debit_id], self.available), f"debit {debit_id} applied again"
             return
+        self._refund(amount, f"m{len(self.debits) % 3}" if owed_from_holds else "")
+
+    @precondition(lambda self: self.open)
+    @rule(beyond=st.integers(min_value=1, max_value=2_000_000), ref=st.sampled_from(["m0", "m1"]))
+    def refund_while_holds_are_open(self, beyond: int, ref: str) -> None:
+        """A purchase refunded for more than the available balance while requests hold credits."""
+        self._refund(self.available + beyond, ref)
+
+    def _refund(self, amount: int, ref: str) -> None:
         debit_id = self.new_id("d")
         taken = min(amount, self.available)
         self.debits[debit_id] = taken
-        self.total -= taken
-        assert self.ledger.debit(self.session, self.account, amount, debit_id, "refund") == (
-            True,
-            taken,
-            self.available,
-        )
+        result = self.ledger.debit(self.session, self.account, amount, debit_id, "refund", ref=ref)
+        if ref:
+            self._took(ref, taken)
+            owed = max(0, min(amount - taken, sum(self.open.values()) - sum(o for _, o in self.debts)))
+            if owed:
+                found = next((debt for debt in self.debts if debt[0] == ref), None)
+                if found:
+                    found[1] += owed
+                else:
+                    self.debts.append([ref, owed])
+        else:
+            self.total -= taken
+        assert result == (True, taken, self.available)
 
     # -- Redis loses everything -------------------------------------------------------------------
 
@@ -266,6 +334,9 @@ class LedgerModel(RuleBasedStateMachine):
         self.open.clear()
         self.deadlines.clear()
         self.ended.clear()
+        self.expired.clear()
+        self.progress.clear()
+        self.debts.clear()  # owed refunds lived in Redis only: lost with it
         self.restarts += 1
         assert self.ledger.balance(self.account) == self.total
 
@@ -279,6 +350,7 @@ class LedgerModel(RuleBasedStateMachine):
         assert snap["holds"] == self.open
         assert snap["balance"] + snap["holds_sum"] == self.total
         assert snap["balance"] == self.available
+        assert self.ledger.debts(self.account) == {ref: owed for ref, owed in self.debts}
 
     @invariant()
     def sql_agrees_after_draining(self) -> None:

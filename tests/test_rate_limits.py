@@ -41,17 +41,19 @@ def test_requests_per_day(app, client, tenant):
     assert statuses == [200, 200, 429]
 
 
-def test_daily_spend_cap_stops_further_calls(app, client, tenant):
-    app.config["DEFAULT_LIMITS"] = Limits(100, 1000, int(Decimal("0.001") * 1_000_000))
-    first = client.post("/v1/chat/completions", json=CHAT, headers=tenant.headers)
-    assert first.status_code == 200
-    spent = Decimal(first.headers["X-Credits-Charged"])
-    calls = 1
-    while calls < 20:
+def test_daily_spend_cap_stops_further_calls_without_overshooting(app, client, tenant):
+    # Each call holds its worst case against the cap until it settles: calls stop before the
+    # day's charges could pass the cap, not after.
+    cap = Decimal("0.05")
+    app.config["DEFAULT_LIMITS"] = Limits(100, 1000, int(cap * 1_000_000))
+    spent, calls = Decimal(0), 0
+    while calls < 200:
         response = client.post("/v1/chat/completions", json=CHAT, headers=tenant.headers)
         if response.status_code == 429:
             assert response.json["error"]["code"] == "spend_cap_reached"
+            assert int(response.headers["Retry-After"]) <= 86400
             break
+        assert response.status_code == 200
         spent += Decimal(response.headers["X-Credits-Charged"])
         calls += 1
-    assert calls < 20 and spent >= Decimal("0.001")
+    assert 1 < calls < 200 and spent <= cap

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from broker import pricing
 from broker.errors import InvalidRequest, NotFound
-from broker.ledger import Ledger
+from broker.ledger import Ledger, purchase_ref
 from broker.models import Purchase, WebhookEvent
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,9 @@ def set_receipt(session: Session, purchase: Purchase, receipt_url: str | None) -
 def take_back(session: Session, ledger: Ledger, purchase: Purchase, refunded_cents: int, refund_id: str) -> int:
     """Take back the credits of a refund (cumulative ``refunded_cents``), never below zero.
 
-    The debit is unique by ``refund_id`` in the ledger; credits already spent are
-    recorded as the purchase's shortfall. Returns the micro-credits taken.
+    The debit is unique by ``refund_id`` in the ledger. What the balance lacks is owed
+    from the account's open holds as they end (the credits they give back); credits already
+    spent are the purchase's shortfall. Returns the micro-credits taken at once.
 
     Refund events for one purchase run one at a time (a Redis lock per purchase), each on the
     purchase as the one before left it: concurrent cumulative events (300, 700, 500 cents)
@@ -179,19 +180,23 @@ def _take_back(session: Session, ledger: Ledger, purchase: Purchase, refunded_ce
     new_cents = refunded_cents - purchase.refunded_cents
     if new_cents <= 0 or purchase.status not in ("paid", "partially_refunded"):
         return 0
-    wanted = purchase.credits_ucr * new_cents // purchase.amount_cents
-    if refunded_cents == purchase.amount_cents:
-        wanted = purchase.credits_ucr - purchase.refunded_ucr - purchase.shortfall_ucr
+    # Cumulative, so the deltas of partial refunds add up to exactly the credits at a full one.
+    wanted = _credits_for(purchase, refunded_cents) - _credits_for(purchase, purchase.refunded_cents)
     applied, taken, _ = ledger.debit(
-        session, purchase.account_id, wanted, refund_id, f"refund of purchase {purchase.id}"
+        session,
+        purchase.account_id,
+        wanted,
+        refund_id,
+        f"refund of purchase {purchase.id}",
+        ref=purchase_ref(purchase.id),
     )
+    # The debit's drain booked on the purchase what it took and what was already spent
+    # (refunded_ucr, shortfall_ucr); what open holds still owe is booked as they end.
     changed = session.execute(
         update(Purchase)
         .where(Purchase.id == purchase.id, Purchase.refunded_cents == purchase.refunded_cents)
         .values(
             refunded_cents=refunded_cents,
-            refunded_ucr=Purchase.refunded_ucr + taken,
-            shortfall_ucr=Purchase.shortfall_ucr + (wanted - taken),
             status="refunded" if refunded_cents == purchase.amount_cents else "partially_refunded",
         )
     )
@@ -199,9 +204,17 @@ def _take_back(session: Session, ledger: Ledger, purchase: Purchase, refunded_ce
     session.refresh(purchase)
     if changed.rowcount and wanted > taken:
         log.warning(
-            "refund shortfall", extra={"purchase_id": purchase.id, "shortfall_ucr": wanted - taken, "applied": applied}
+            "refund not taken at once",
+            extra={"purchase_id": purchase.id, "owed_or_spent_ucr": wanted - taken, "applied": applied},
         )
     return taken if changed.rowcount else 0
+
+
+def _credits_for(purchase: Purchase, cents: int) -> int:
+    """The credits ``cents`` of the purchase's price bought."""
+    if cents >= purchase.amount_cents:
+        return purchase.credits_ucr
+    return purchase.credits_ucr * cents // purchase.amount_cents
 
 
 def seen_event(session: Session, provider: str, event_id: str) -> bool:
