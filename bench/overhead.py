@@ -206,7 +206,9 @@ def fake_app() -> Callable[..., Any]:
 
 def bare_app() -> Callable[..., Any]:
     """The floor: forward the body to the fake upstream with the broker's own upstream session
-    (``broker.providers.http.make_session``) and relay the answer, with no auth and no metering."""
+    (``broker.providers.http.make_session``) and client (``broker.providers._common.send``) and
+    relay the answer, with no auth and no metering."""
+    from broker.providers._common import send
     from broker.providers.http import make_session
 
     session = make_session()
@@ -215,9 +217,9 @@ def bare_app() -> Callable[..., Any]:
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
         size = int(environ.get("CONTENT_LENGTH") or 0)
-        body = environ["wsgi.input"].read(size)
-        stream = b'"stream":true' in body
-        response = session.post(upstream, data=body, headers=headers, timeout=(5, 30), stream=stream)
+        body = json.loads(environ["wsgi.input"].read(size))
+        stream = bool(body.get("stream"))
+        response = send("bench", session, "POST", upstream, headers=headers, body=body, timeout=(5, 30), stream=stream)
         kind = response.headers.get("Content-Type", "application/json")
         if not stream:
             content = response.content
@@ -430,6 +432,8 @@ def profile_summary(path: Path, cpu_ms: float) -> str:
     stacks: list[tuple[list[str], int]] = []
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue  # a line of a multi-line frame name (py-spy prints what a process's cmdline holds)
         frames = [f for f in stack.split(";") if not f.startswith("process ")]
         stacks.append((frames, int(count)))
     total = sum(n for _, n in stacks) or 1
@@ -693,7 +697,7 @@ def describe(broker: Service, args: argparse.Namespace) -> str:
         f"  worker class {worker_class.group(1) if worker_class else '?'}, {len(workers)} workers"
         + (f", GUNICORN_THREADS={args.threads}" if args.threads else "")
         + f"\nfake upstream: gunicorn gevent x{args.fake_workers}, reply delay {args.upstream_delay:g} s"
-        f"\nbare pass-through: the same gunicorn settings, broker.providers.http.make_session()"
+        f"\nbare pass-through: the same gunicorn settings, broker.providers._common.send over make_session()"
         f"\nmachine: {machine()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
         f"\nload: {' '.join(wrk_version)}, {args.wrk_threads} thread(s); {CPUS} CPUs;"
         f" Python {platform.python_version()}; {args.duration:g} s per phase\n"
