@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -103,6 +104,21 @@ class Mismatch:
 
     def __str__(self) -> str:
         return f"account {self.account_id}: {self.what}"
+
+
+# Whether this request (or job) has sent a hold or a settle to Redis: once it has, a Redis
+# error leaves the outcome unknown (the script may have run), never "nothing was charged".
+MONEY_SENT: ContextVar[bool] = ContextVar("ledger_money_sent", default=False)
+
+
+def money_sent() -> bool:
+    """True once the current request has sent a hold, settle or release to Redis."""
+    return MONEY_SENT.get()
+
+
+def forget_money_sent() -> None:
+    """Start a request (or job) afresh: the context may be reused from the one before."""
+    MONEY_SENT.set(False)
 
 
 def _now_ms() -> str:
@@ -216,6 +232,7 @@ class Ledger:
             pipe.zadd(EXPIRY, {f"{account_id}|{hold_id}": deadline}, nx=True)
             pipe.sadd(DIRTY, account_id)
 
+        MONEY_SENT.set(True)
         ok, balance, amount, tokens, *why = self._pipeline_run(build)[0]
         if not ok:
             self.redis.zrem(EXPIRY, f"{account_id}|{hold_id}")
@@ -252,6 +269,7 @@ class Ledger:
             if extra:
                 extra(pipe)
 
+        MONEY_SENT.set(True)
         code, charged, balance = self._pipeline_run(build)[0]
         status = {1: "ended", 2: "replay", 3: "unknown"}[code]
         return HoldEnd(status, int(charged), int(balance))
