@@ -1,4 +1,8 @@
-"""Measure media-job throughput and latency (TTS, optionally with music) through the web app, RQ and 1, 2 workers."""
+"""Measure media-job throughput and latency (TTS or images, optionally with music) through the web app, RQ, workers.
+
+The image cell of issue 14: ``python bench/jobs.py --images 500 --latency 20 --workers 2 --clients 16``
+(500 image jobs submitted at once, a fake upstream that takes 20 s for each, 2 worker processes).
+"""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from broker.embedded_redis import free_port  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 MODEL = "elevenlabs/eleven_flash_v2_5"
+IMAGE_MODEL = "openai/gpt-image-1"
 MUSIC_MODEL = "suno/V4_5ALL"  # the fake Suno answers 4 polls (one a stage) before the clips
 MUSIC_POLL_SECONDS = 1
 VOICE_ID = "JBFqnCBsd6RMkjVDRZzb"
@@ -213,6 +218,10 @@ class Api:
         body = {"model": MODEL, "text": TEXT, "voice_id": VOICE_ID, "output_format": "mp3_44100_128"}
         return self.session.post(f"{self.base}/v1/tts", json=body, headers=self.headers, timeout=HTTP_TIMEOUT)
 
+    def submit_image(self) -> requests.Response:
+        body = {"model": IMAGE_MODEL, "prompt": "a bench lighthouse", "quality": "low"}
+        return self.session.post(f"{self.base}/v1/image", json=body, headers=self.headers, timeout=HTTP_TIMEOUT)
+
     def submit_music(self) -> requests.Response:
         body = {"model": MUSIC_MODEL, "prompt": "a bench tune", "instrumental": True}
         return self.session.post(f"{self.base}/v1/music", json=body, headers=self.headers, timeout=HTTP_TIMEOUT)
@@ -280,6 +289,10 @@ class PhaseResult:
     music_submit_errors: int = 0
     music_started: float = 0.0
     music_records: list[dict] = field(default_factory=list)
+    kind: str = "tts"
+    peak_rss: int = 0  # bytes: the most the worker processes (with their children) held at once
+    peak_threads: int = 0  # the most threads the worker processes had at once
+    not_charged_once: int = 0  # succeeded jobs whose hold has not exactly one hold and one settle entry
 
 
 class Bench:
@@ -346,6 +359,9 @@ class Bench:
             "SUNO_BASE_URL": fake_url,
             "SUNO_API_KEY": "suno-bench-anything",
             "MUSIC_POLL_SECONDS": str(MUSIC_POLL_SECONDS),
+            # The bench's own submits and job listings are not what is measured: no per-key cap on them.
+            "RATE_LIMIT_PER_MINUTE": "1000000",
+            "RATE_LIMIT_PER_DAY": "100000000",
             "LOG_LEVEL": self.args.log_level,
             "PORT": str(web_port),
         }
@@ -454,8 +470,10 @@ class Bench:
     def run_phase(self, workers_n: int, phase: int) -> PhaseResult:
         assert self.api is not None and self.web is not None and self.rds is not None
         api = self.api
-        result = PhaseResult(workers=workers_n, jobs=self.args.jobs)
-        print(f"phase {phase}: {workers_n} worker(s), {self.args.jobs} TTS jobs ...", flush=True)
+        kind = "image" if self.args.images else "tts"
+        count = self.args.images or self.args.jobs
+        result = PhaseResult(workers=workers_n, jobs=count, kind=kind)
+        print(f"phase {phase}: {workers_n} worker(s), {count} {kind} jobs ...", flush=True)
         workers = self.start_workers(workers_n, phase)
         try:
             worker_pids = [w.popen.pid for w in workers]
@@ -476,11 +494,11 @@ class Bench:
                 while not stop.is_set():
                     with lock:
                         n = next(counter)
-                    if n >= self.args.jobs:
+                    if n >= count:
                         return
                     started, t0 = time.time(), time.perf_counter()
                     try:
-                        response = api.submit_tts()
+                        response = api.submit_image() if kind == "image" else api.submit_tts()
                         latency = time.perf_counter() - t0
                         job_id = response.json().get("id") if response.status_code == 202 else None
                         error = "" if job_id else response.text[:200]
@@ -497,10 +515,13 @@ class Bench:
             threads = [threading.Thread(target=submitter, daemon=True) for _ in range(clients)]
             for thread in threads:
                 thread.start()
+            sampler = threading.Thread(target=self._sample_workers, args=(result, worker_pids, stop), daemon=True)
+            sampler.start()
             try:
                 self._poll(result, threads, lock, deadline)
             finally:
                 stop.set()
+                sampler.join(timeout=5)
                 for thread in threads:
                     thread.join(timeout=HTTP_TIMEOUT + 5)
             if self.args.music and not result.aborted:
@@ -517,9 +538,38 @@ class Bench:
             result.housekeeping_left = int(self.rds.llen("rq:queue:housekeeping"))
             result.housekeeping_drain_s = self.wait_queue_empty("housekeeping", 60)
             self._collect(result)
+            result.not_charged_once = self._not_charged_once(result)
         finally:
             self.stop_workers(workers)
         return result
+
+    def _sample_workers(self, result: PhaseResult, pids: list[int], stop: threading.Event) -> None:
+        """Every 0.2 s until ``stop``: the worker processes' total RSS and threads, keeping the peaks."""
+        while not stop.wait(0.2):
+            rss = threads = 0
+            for pid in pids:
+                with suppress(psutil.NoSuchProcess):
+                    root = psutil.Process(pid)
+                    for proc in (root, *root.children(recursive=True)):
+                        with suppress(psutil.NoSuchProcess):
+                            rss += proc.memory_info().rss
+                            threads += proc.num_threads()
+            result.peak_rss = max(result.peak_rss, rss)
+            result.peak_threads = max(result.peak_threads, threads)
+
+    def _not_charged_once(self, result: PhaseResult) -> int:
+        """Succeeded jobs whose hold has anything but one hold and one settle entry in SQL (after a drain)."""
+        import sqlite3
+
+        cli(self.env, "reconcile", check=False)  # drains the ledger into SQL first
+        holds = {r["request_id"] for r in result.records.values() if r["status"] == "succeeded"}
+        with sqlite3.connect(self.work / "broker.db") as db:
+            rows = db.execute("SELECT hold_id, kind FROM ledger_entries WHERE kind IN ('hold', 'settle')").fetchall()
+        kinds: dict[str, list[str]] = {}
+        for hold_id, entry_kind in rows:
+            if hold_id in holds:
+                kinds.setdefault(hold_id, []).append(entry_kind)
+        return sum(1 for h in holds if sorted(kinds.get(h, [])) != ["hold", "settle"])
 
     def _poll(
         self, result: PhaseResult, threads: list[threading.Thread], lock: threading.Lock, deadline: float
@@ -624,6 +674,11 @@ class Summary:
     aborted: str
     errors: dict[str, int]
     music: str = ""
+    kind: str = "tts"
+    span_s: float | None = None
+    peak_rss_mib: float = 0.0
+    peak_threads: int = 0
+    not_charged_once: int = 0
 
 
 def summarize(result: PhaseResult, latency: float) -> Summary:
@@ -640,7 +695,7 @@ def summarize(result: PhaseResult, latency: float) -> Summary:
             errors[f"submit HTTP {s.status}"] = errors.get(f"submit HTTP {s.status}", 0) + 1
     first_submit = min((s.started for s in subs), default=None)
     last_done = max((parse_time(r["finished_at"]) for r in ok), default=None)
-    throughput = None
+    throughput = span = None
     if first_submit is not None and last_done is not None:
         span = last_done.timestamp() - first_submit
         throughput = len(ok) / span if span > 0 else None
@@ -704,6 +759,11 @@ def summarize(result: PhaseResult, latency: float) -> Summary:
         aborted=result.aborted,
         errors=errors,
         music=summarize_music(result),
+        kind=result.kind,
+        span_s=span,
+        peak_rss_mib=result.peak_rss / 2**20,
+        peak_threads=result.peak_threads,
+        not_charged_once=result.not_charged_once,
     )
 
 
@@ -751,13 +811,17 @@ def print_table(summaries: list[Summary], latency: float) -> None:
     row(f"ideal: workers / {latency:g} s upstream, jobs/s", lambda s: fmt(s.ideal), lambda s: s.ideal)
     row("efficiency vs ideal", lambda s: fmt(s.throughput / s.ideal * 100, ".0f") + " %" if s.throughput else "-")
     row("submit rate, jobs/s", lambda s: fmt(s.submit_rate, ".0f"))
-    row("POST /v1/tts latency p50 / p99, ms", lambda s: pair(s.submit_ms, ".1f"))
+    row(f"POST /v1/{summaries[0].kind} latency p50 / p99, ms", lambda s: pair(s.submit_ms, ".1f"))
     row("submit->running p50 / p99, s", lambda s: pair(s.to_running, ".2f"))
     row(
         "submit->running p50 / p99, ms",
         lambda s: pair(tuple(None if v is None else v * 1000 for v in s.to_running), ".0f"),
     )
     row("submit->succeeded p50 / p99, s", lambda s: pair(s.to_succeeded, ".2f"))
+    row("all succeeded, s after the 1st submit", lambda s: fmt(s.span_s, ".1f"))
+    row("succeeded jobs not charged exactly once", lambda s: str(s.not_charged_once))
+    row("workers' peak RSS, all processes, MiB", lambda s: fmt(s.peak_rss_mib, ".0f"))
+    row("workers' peak threads, all processes", lambda s: str(s.peak_threads))
     row("per job, medians (RQ + job timestamps):", lambda s: "")
     row("  cycle per worker (start to next start), ms", lambda s: fmt(s.cycle_ms, ".0f"))
     row("  job function (claim -> succeeded), ms", lambda s: fmt(s.fn_ms, ".0f"))
@@ -818,6 +882,13 @@ def log_problems(work: Path) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=200, help="TTS jobs per phase (default 200)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        help="image jobs per phase instead of TTS jobs (issue 14's cell: --images 500 --latency 20 --workers 2; "
+        "target: all succeeded <= 40 s after the 1st submit, workers <= 1024 MiB, each charged once)",
+    )
     parser.add_argument("--latency", type=float, default=0.2, help="fixed fake upstream latency, s (default 0.2)")
     parser.add_argument("--clients", type=int, default=4, help="client threads submitting (default 4)")
     parser.add_argument("--workers", default="1,2", help="worker counts, one phase each (default 1,2)")
@@ -877,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
                     + (
                         "rq.Worker (fork per job); "
                         if args.worker_kind == "fork"
-                        else "python worker.py (SimpleWorker); "
+                        else "python worker.py (media jobs in threads); "
                     )
                     + f"fake upstream latency {args.latency:g} s; {args.clients} client threads; "
                     f"{psutil.cpu_count()} CPUs\n",
@@ -891,7 +962,9 @@ def main(argv: list[str] | None = None) -> int:
                 output = (reconcile.stdout + reconcile.stderr).strip()
                 print(f"\nflask broker reconcile: exit {reconcile.returncode}: {output}")
                 print("log warnings/errors:\n" + log_problems(work))
-                ok = reconcile.returncode == 0 and all(not s.aborted and s.succeeded == s.submitted for s in summaries)
+                ok = reconcile.returncode == 0 and all(
+                    not s.aborted and s.succeeded == s.submitted and not s.not_charged_once for s in summaries
+                )
                 ok = ok and all(
                     sum(1 for r in x.music_records if r["status"] == "succeeded") == args.music for x in results
                 )
