@@ -125,6 +125,7 @@ def load(overrides: dict | None = None) -> dict:
         "PRICES_FILE": env("PRICES_FILE", str(ROOT / "broker" / "prices.json")),
         "MAX_CONTENT_LENGTH": int(env("MAX_CONTENT_LENGTH", str(1024 * 1024))),
         "HOLD_TTL_SECONDS": int(env("HOLD_TTL_SECONDS", "900")),
+        "STREAM_PROGRESS_SECONDS": float(env("STREAM_PROGRESS_SECONDS", "10")),
         # A chat without max_tokens holds at least this many output tokens (or the model's limit): below it, 402.
         "MIN_OUTPUT_TOKENS": int(env("MIN_OUTPUT_TOKENS", "1024")),
         "KEY_CACHE_SECONDS": int(env("KEY_CACHE_SECONDS", "300")),

@@ -21,11 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import chain
+
+import redis
 
 from broker import limits, metrics, pricing
 from broker.errors import (
@@ -81,6 +84,7 @@ class Metering:
     credit_usd: Decimal
     moderate: Callable[[str, str], None] = lambda text, what: None
     min_output_tokens: int = 1024  # the least a call without max_tokens holds (MIN_OUTPUT_TOKENS)
+    progress_seconds: float = 10.0  # how often a live stream records what it delivered (STREAM_PROGRESS_SECONDS)
 
 
 @dataclass
@@ -578,6 +582,32 @@ def _completion_body(ctx: _Call, result: ChatResult, usage: Usage, charged: int)
     return body
 
 
+class StreamProgress:
+    """A live stream's heartbeat on its hold: every ``progress_seconds`` it records what it has
+    delivered so far (priced as an estimate, at most the hold) and moves the hold's deadline on.
+
+    So the reaper never expires the hold of a stream that is still running however slowly its
+    client reads, and one whose process died (a crash, a restart that cut it) is charged what it
+    delivered rather than nothing. A Redis error here does not break the stream: the settle at
+    its end is what counts.
+    """
+
+    def __init__(self, m: Metering, ctx: _Call) -> None:
+        self.m, self.ctx = m, ctx
+        self.due = time.monotonic() + m.progress_seconds
+
+    def beat(self, reported: Usage | None, delivered: list[str]) -> None:
+        if self.ctx.caller.marketplace or time.monotonic() < self.due:
+            return
+        self.due = time.monotonic() + self.m.progress_seconds
+        usage, _ = _billable_usage(self.ctx, reported, "".join(delivered), finished=False)
+        estimate = pricing.charge_ucr(pricing.chat_cost_usd(self.ctx.price, usage), self.m.markup, self.m.credit_usd)
+        try:
+            self.m.ledger.record_progress(self.ctx.caller.account_id, self.ctx.request_id, min(estimate, self.ctx.hold))
+        except redis.RedisError as error:
+            log.warning("stream progress not recorded", extra={"request_id": self.ctx.request_id, "error": str(error)})
+
+
 def _start_stream(m: Metering, ctx: _Call, provider: ChatProvider) -> ChatResponse:
     """Wait for the provider's first event, so a failure before it is a plain JSON error."""
     events = provider.stream(ctx.call)
@@ -680,6 +710,7 @@ def _relay(m: Metering, ctx: _Call, events, upstream, meta: StreamMeta) -> Itera
     delivered: list[str] = []
     usage: Usage | None = None
     settled = False
+    progress = StreamProgress(m, ctx)
     try:
         for event in events:
             if isinstance(event, UsageReport):
@@ -687,6 +718,7 @@ def _relay(m: Metering, ctx: _Call, events, upstream, meta: StreamMeta) -> Itera
                 continue
             lines, text = chunks.render(event)
             delivered.append(text)
+            progress.beat(usage, delivered)
             yield from lines
         billable, estimated = _billable_usage(ctx, usage, "".join(delivered), finished=True)
         ended, _, _ = _settle(m, ctx, billable, estimated, "ok", stream=True)

@@ -277,7 +277,14 @@ def init_app(app: Flask) -> Services:
     providers = build_providers(config)
     moderate = build_moderation(config)
     metering = Metering(
-        ledger, prices, providers, config["MARKUP"], config["CREDIT_USD"], moderate, config["MIN_OUTPUT_TOKENS"]
+        ledger,
+        prices,
+        providers,
+        config["MARKUP"],
+        config["CREDIT_USD"],
+        moderate,
+        config["MIN_OUTPUT_TOKENS"],
+        progress_seconds=config["STREAM_PROGRESS_SECONDS"],
     )
     queue_redis = redis.Redis.from_url(url)
     media = build_media(config, ledger, prices, client, queue_redis, moderate)

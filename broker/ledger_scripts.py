@@ -132,11 +132,10 @@ amount = tonumber(amount)
 local receipt = ARGV[5]
 if kind == 'expire' then
   charge = tonumber(redis.call('HGET', KEYS[7], hid) or '0')
-  if charge > 0 then
-    local r = cjson.decode(receipt)
-    r['charged_estimate_ucr'] = charge
-    receipt = cjson.encode(r)
-  end
+  local r = cjson.decode(receipt)
+  r['hold_ucr'] = amount
+  r['estimated'] = charge > 0
+  receipt = cjson.encode(r)
   redis.call('SET', KEYS[10], f('%d', amount), 'EX', ttl)
 end
 redis.call('HDEL', KEYS[7], hid)

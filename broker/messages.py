@@ -202,6 +202,7 @@ def _relay(m: Metering, ctx: chat.MeteredCall, events: Iterator[RawEvent], upstr
     usage: dict = {}
     delivered: list[str] = []
     settled = relayed_error = False
+    progress = chat.StreamProgress(m, ctx)
 
     def settle(finished: bool, error_code: str | None = None) -> None:
         nonlocal settled
@@ -219,6 +220,7 @@ def _relay(m: Metering, ctx: chat.MeteredCall, events: Iterator[RawEvent], upstr
             elif kind == "content_block_delta":
                 delta = c.as_dict(event.get("delta"))
                 delivered.append(str(delta.get("text") or delta.get("partial_json") or delta.get("thinking") or ""))
+                progress.beat(anthropic.usage_from(usage) if usage else None, delivered)
             elif kind == "error":
                 relayed_error = True
             elif kind == "message_stop":

@@ -328,6 +328,7 @@ def _relay(run: _Context, head: list, events) -> Iterator[str]:
     delivered: list[str] = []
     settled = False
     sequence = 0
+    progress = chat.StreamProgress(run.m, run.ctx)
     try:
         for name, raw, event in _chain(head, events):
             kind = event.get("type")
@@ -339,6 +340,7 @@ def _relay(run: _Context, head: list, events) -> Iterator[str]:
                 bind(run.r, run.ctx.caller.account_id, response, run.bound)
             if isinstance(event.get("delta"), str):
                 delivered.append(event["delta"])
+                progress.beat(None, delivered)
             if kind in TERMINAL and isinstance(response, dict):
                 charged = run.settle(response, "".join(delivered) or _output_text(response), True, True)
                 settled = True

@@ -135,45 +135,36 @@ def store_records(session: Session, rows: list[dict]) -> int:
     return len(inserted)
 
 
-LATE_FIELDS = (
-    "status",
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "cache_write_1h_tokens",
-    "output_tokens",
-    "cost_usd",
-    "estimated",
-    "capped",
-    "error_code",
-    "finished_at",
-)
-
-
 def add_late_charge(session: Session, receipt: dict, late_ucr: int) -> None:
-    """A settle that arrived after its hold expired: the request's record takes the settle's
-    usage and the late charge on top of what the expiry charged, and so does its roll-up."""
+    """A settle that arrived after its hold expired: the request's record (written by the expiry,
+    which knew only the hold) takes the settle's receipt and the late charge on top of what the
+    expiry charged; its roll-up moves with it."""
     record = session.scalar(select(UsageRecord).where(UsageRecord.request_id == receipt["request_id"]))
     if record is None:  # the expiry's record is not there: this receipt is the record
         store_records(session, [{**receipt, "charged_ucr": late_ucr}])
         return
-    for name in LATE_FIELDS:
-        if name in receipt:
-            setattr(record, name, receipt[name])
+    before = _bucket_of(record, -1, -record.charged_ucr)
+    for name, value in receipt.items():
+        if name not in ("request_id", "account_id", "charged_ucr", "started_at", "hold_ucr"):
+            setattr(record, name, value)
     record.charged_ucr += late_ucr
     session.flush()
-    bucket = {
+    after = _bucket_of(record, 1, record.charged_ucr)
+    _upsert_buckets(session, sorted([before, after], key=_bucket_order), add=True)
+
+
+def _bucket_of(record: UsageRecord, requests: int, charged_ucr: int) -> dict:
+    return {
         "account_id": record.account_id,
         "day": _aware(record.started_at).date(),
         "model": record.model,
         "key_id": record.key_id or NO_KEY,
         "endpoint": record.endpoint,
-        "requests": 0,
-        "charged_ucr": late_ucr,
+        "requests": requests,
+        "charged_ucr": charged_ucr,
         "first_id": record.id,
         "last_id": record.id,
     }
-    _upsert_buckets(session, [bucket], add=True)
 
 
 def _bucket_order(bucket: dict) -> tuple:

@@ -680,3 +680,58 @@ def test_a_refund_survives_redis_losing_its_last_writes(app, client, runner, ten
     assert repaired.exit_code == 0, repaired.output
     assert balance(app, tenant) == start  # the refund's debit was durable: the credits stay taken back
     assert_invariant(app)
+
+
+@pytest.mark.parametrize("request_charges", [0, 30_000_000, 480_000_000])
+def test_a_refund_while_a_request_holds_credits_takes_them_as_the_hold_ends(app, client, stripe_fake, request_charges):
+    """Issue 10 item 1: a refund took only the available balance and booked the rest as "already spent";
+    once the hold was released the customer kept the credits of a fully refunded purchase."""
+    from tests.conftest import make_tenant
+
+    tenant = make_tenant("0")
+    session = _paid_purchase(app, client, tenant, stripe_fake, pack="usd5")  # 500 credits
+    ledger = app.extensions["broker"].ledger
+    held = ledger.hold(tenant.account_id, "req_inflight", 480_000_000, 0, 1, 1)  # a request in flight
+    assert held.ok and balance(app, tenant) == 20_000_000
+    send(client, stripe_fake.event("charge.refunded", *stripe_fake.refund(session["id"])))
+    assert balance(app, tenant) == 0
+    assert ledger.debts(tenant.account_id) == {f"p{_purchase(app, tenant).id}": 480_000_000}
+    ended = ledger.end_hold(tenant.account_id, "req_inflight", request_charges, {"request_id": "req_inflight"})
+    assert ended.charged == request_charges
+    ledger.drain(app.extensions["broker"].db())
+    # What the request did not spend went to the refund, not back to the balance.
+    assert balance(app, tenant) == 0 and ledger.debts(tenant.account_id) == {}
+    purchase = _purchase(app, tenant)
+    assert purchase.status == "refunded"
+    assert purchase.refunded_ucr == 500_000_000 - request_charges
+    assert purchase.shortfall_ucr == request_charges  # only what was actually charged
+    assert_invariant(app)
+
+
+def test_owed_refunds_are_paid_oldest_first_and_what_holds_cannot_cover_is_given_up(app, client, stripe_fake):
+    """Two refunded purchases owe from one open hold: the first refund is paid first; what the charge
+    consumed is each purchase's shortfall, and the ledger and purchases agree to the micro-credit."""
+    from tests.conftest import make_tenant
+
+    tenant = make_tenant("0")
+    first = _paid_purchase(app, client, tenant, stripe_fake, pack="usd5")
+    second = _paid_purchase(app, client, tenant, stripe_fake, pack="usd5")
+    ledger = app.extensions["broker"].ledger
+    assert ledger.hold(tenant.account_id, "req_big", 1_000_000_000, 0, 1, 1).ok  # all 1,000 credits held
+    for session in (first, second):
+        send(client, stripe_fake.event("charge.refunded", *stripe_fake.refund(session["id"])))
+    ledger.end_hold(tenant.account_id, "req_big", 700_000_000, {"request_id": "req_big"})  # 300 come back
+    ledger.drain(app.extensions["broker"].db())
+    db = app.extensions["broker"].db()
+    db.expire_all()
+    older, newer = db.scalars(select(Purchase).where(Purchase.account_id == tenant.account_id).order_by(Purchase.id))
+    assert (older.refunded_ucr, older.shortfall_ucr) == (300_000_000, 200_000_000)
+    assert (newer.refunded_ucr, newer.shortfall_ucr) == (0, 500_000_000)
+    assert balance(app, tenant) == 0 and ledger.debts(tenant.account_id) == {}
+    assert_invariant(app)
+
+
+def _purchase(app, tenant) -> Purchase:
+    db = app.extensions["broker"].db()
+    db.expire_all()
+    return db.scalar(select(Purchase).where(Purchase.account_id == tenant.account_id))
