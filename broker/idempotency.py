@@ -3,9 +3,12 @@
 The same key with the same body replays the first response (``Idempotent-Replayed:
 true``) and is charged once; with a different body it is a 409; while the first is
 still running, a retry gets a 409 too. Server errors (5xx) and rate limits are not
-kept, so a retry can run again. A streamed answer keeps the key claimed while it streams
-and is kept once it has ended (``finish_stream``): retries get the whole stream again, or,
-when it was too large to keep, a 409 naming the first request — never a second charge.
+kept, so a retry can run again — unless a hold or settle may have reached the ledger
+before the error (``keep_unknown``): then the key stays used, and a retry gets a 409
+naming the first request, whose receipt says what was charged. A streamed answer keeps
+the key claimed while it streams and is kept once it has ended (``finish_stream``):
+retries get the whole stream again, or, when it was too large to keep, a 409 naming the
+first request — never a second charge.
 
 What an account can store is bounded: a response body over ``max_body_bytes`` is not
 kept (a retry runs again), and an account holds at most ``max_keys`` keys at once
@@ -67,6 +70,14 @@ def begin(
             "A request with this Idempotency-Key is still running; retry shortly.",
             param="Idempotency-Key",
             code="idempotency_key_in_flight",
+        )
+    if stored.get("unknown"):
+        first = stored["unknown"]
+        raise Conflict(
+            f"This Idempotency-Key was used by request {first}, which ended while the service was unavailable, "
+            f"so it was not run again; GET /v1/requests/{first} shows its receipt and what was charged.",
+            param="Idempotency-Key",
+            code="idempotency_key_used",
         )
     if stored.get("too_large"):
         first = stored["too_large"]
@@ -150,6 +161,13 @@ def finish_stream(
         finish(client, key, body, status, headers, data, max_body_bytes)
         return
     stored = {"state": "done", "body": hashlib.sha256(body).hexdigest(), "too_large": request_id}
+    client.set(key, json.dumps(stored), ex=TTL_SECONDS)
+
+
+def keep_unknown(client: redis.Redis, key: str, body: bytes, request_id: str) -> None:
+    """The request failed after a hold or settle may have reached the ledger: keep the key used,
+    naming the request, so a retry gets a 409 instead of running (and being charged) again."""
+    stored = {"state": "done", "body": hashlib.sha256(body).hexdigest(), "unknown": request_id}
     client.set(key, json.dumps(stored), ex=TTL_SECONDS)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from flask import Blueprint, Response, current_app, g, request
 from pydantic import BaseModel, ValidationError
 
-from broker import idempotency, keys
+from broker import idempotency, keys, ledger
 from broker.billing import rapidapi
 from broker.errors import InvalidRequest
 from broker.extensions import services
@@ -21,6 +21,12 @@ def presented_key() -> str | None:
         return key.strip()
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     return value.strip() if scheme.lower() == "bearer" else None
+
+
+@bp.before_request
+def forget_money() -> None:
+    """First: whether this request has sent a hold or settle starts false (a context may be reused)."""
+    ledger.forget_money_sent()
 
 
 @bp.before_request
@@ -89,6 +95,9 @@ def keep_idempotent(response: Response) -> Response:
     key = g.pop("idempotency_key", None)
     if key is not None and response.is_streamed and response.status_code < 300:
         response.response = _kept_stream(response.response, key, response.status_code, dict(response.headers))
+    elif key is not None and (g.get("outcome_unknown") or (response.status_code == 500 and ledger.money_sent())):
+        # A hold or settle may have reached the ledger: a retry must not run (and charge) again.
+        idempotency.keep_unknown(services().redis, key, request.get_data(), g.get("request_id", ""))
     elif key is not None:
         data = None if response.is_streamed else response.get_data()
         headers = {name: response.headers[name] for name in KEPT_HEADERS if name in response.headers}
@@ -131,7 +140,9 @@ def _kept_stream(chunks: Iterable, key: str, status: int, all_headers: dict) -> 
 @bp.teardown_request
 def _abandon_idempotent(_error) -> None:
     key = g.pop("idempotency_key", None)
-    if key is not None:
+    if key is not None and ledger.money_sent():
+        idempotency.keep_unknown(services().redis, key, request.get_data(), g.get("request_id", ""))
+    elif key is not None:
         idempotency.abandon(services().redis, key)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 
@@ -10,6 +11,7 @@ import sqlalchemy.exc
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException, RequestURITooLarge
 
+from broker import ledger
 from broker.errors import BrokerError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,34 @@ def _page(error: HTTPException):
     return render(error) if render else error
 
 
+# The code of a 503 whose charge is unknown; such a request also sets ``g.outcome_unknown``, so
+# that its Idempotency-Key is kept rather than freed for a retry (broker.api.keep_idempotent).
+OUTCOME_UNKNOWN = "outcome_unknown"
+
+
+def _store_down() -> Response:
+    """The 503 for Redis or the database down: "nothing was charged" only when that is true.
+
+    Before the request sent a hold or a settle to Redis nothing can have been charged (and a
+    hold Redis runs after its request gave up is refused). Once it has, the script may have
+    run: the answer says the outcome is unknown and names the request to look up.
+    """
+    if not ledger.money_sent():
+        return error_response(ServiceUnavailable("The service is temporarily unavailable; nothing was charged."))
+    request_id = g.get("request_id", "")
+    g.outcome_unknown = True
+    error = ServiceUnavailable(
+        f"The service became unavailable while request {request_id} was being charged, so its outcome is "
+        f"unknown. Once the service is back, look it up with GET /v1/requests/{request_id}: its receipt shows "
+        "what was charged. A retry with the same Idempotency-Key is not run again.",
+        code=OUTCOME_UNKNOWN,
+    )
+    response = error_response(error)
+    if not _is_anthropic():  # Anthropic's envelope carries the request id already
+        response.set_data(json.dumps({**error.body(), "request_id": request_id}))
+    return response
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.before_request
     def _request_id() -> None:
@@ -107,13 +137,13 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(redis.RedisError)
     def _redis_down(error: redis.RedisError) -> Response:
-        log.error("redis unavailable", extra={"error": type(error).__name__})
-        return error_response(ServiceUnavailable("The service is temporarily unavailable; nothing was charged."))
+        log.error("redis unavailable", extra={"error": type(error).__name__, "money_sent": ledger.money_sent()})
+        return _store_down()
 
     @app.errorhandler(sqlalchemy.exc.OperationalError)
     def _database_down(error: sqlalchemy.exc.OperationalError) -> Response:
-        log.error("database unavailable", extra={"error": type(error).__name__})
-        return error_response(ServiceUnavailable("The service is temporarily unavailable; nothing was charged."))
+        log.error("database unavailable", extra={"error": type(error).__name__, "money_sent": ledger.money_sent()})
+        return _store_down()
 
     @app.errorhandler(RecursionError)
     def _too_deep(error: RecursionError):
