@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from broker import ledger_scripts, usage
-from broker.models import Account, LedgerEntry, Purchase, UsageRecord
+from broker.models import Account, Job, LedgerEntry, Purchase, UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ SPEND_TTL = 2 * SPEND_DAY
 # A hold script that Redis runs later than this before the caller's socket timeout belongs to
 # a request that has given up (and answered): it is refused rather than left holding credits.
 GIVE_UP_MARGIN = 0.5
+STREAM_MAX_AGE = 30  # seconds an entry may wait in Redis before the drain copies it to SQL
+HOLD_GRACE = 60  # seconds past its deadline before an open hold counts as abandoned (the reaper runs every 10 s)
+LIVE_JOB = ("queued", "running")
 
 
 def keys_of(account_id: int) -> dict[str, str]:
@@ -465,6 +468,7 @@ class Ledger:
                 "held_delta": int(fields["h"]),
                 "hold_id": fields.get("hid") or None,
                 "reason": fields.get("why", ""),
+                "ref": fields.get("ref") or None,
                 "created_at": created,
             }
             if fields.get("ref") or fields["k"] == "late":
@@ -507,23 +511,127 @@ class Ledger:
         """How many holds are open and not yet past their deadline: requests or jobs in flight."""
         return int(self.redis.zcount(EXPIRY, f"({now or time.time()}", "+inf"))
 
-    def reconcile(self, session: Session, repair: bool = False) -> list[Mismatch]:
-        """Check invariant L for every account; with ``repair`` rebuild Redis from SQL.
+    def reconcile(self, session: Session, repair: bool = False, now: float | None = None) -> list[Mismatch]:
+        """Check every account; with ``repair`` rebuild Redis from SQL (invariant L only).
 
-        Repair releases (in SQL) holds that Redis no longer has, records holds that
-        SQL missed, and sets each balance to Σ ledger − open holds. Returns the
-        mismatches that remain.
+        Invariant L: Redis available + open holds = Σ ledger, the held counter is the sum of
+        the open holds, and Redis and SQL agree on which holds are open. Beyond it: no entry
+        waited in Redis longer than ``STREAM_MAX_AGE``; every open hold belongs to a live
+        request (its deadline, which a live stream moves on, has not passed) or to a queued or
+        running job; every job that ended was charged what it says it cost (0 unless it
+        succeeded) and every live job holds; each refunded purchase's ``refunded_ucr`` is
+        what the ledger booked for it, and with its shortfall and what open holds still owe
+        it makes the refunded share of its credits.
+
+        Repair releases (in SQL) holds that Redis no longer has, records holds that SQL
+        missed, and sets each balance to Σ ledger − open holds. Returns the mismatches that
+        remain.
         """
+        now = now or time.time()
         account_ids = list(session.scalars(select(Account.id)))
+        mismatches = self._waiting(account_ids, now)  # before the drain below copies them
         self.drain(session, account_ids)
-        mismatches = []
         for account_id in account_ids:
             found = self._check(session, account_id)
             if found and repair:
                 self._repair(session, account_id)
                 found = self._check(session, account_id)
             mismatches.extend(found)
+            mismatches.extend(self._check_holds_and_jobs(session, account_id, now))
+            mismatches.extend(self._check_refunds(session, account_id))
         return mismatches
+
+    def _waiting(self, account_ids: list[int], now: float) -> list[Mismatch]:
+        """Accounts whose oldest stream entry has waited longer than ``STREAM_MAX_AGE`` (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for account_id in account_ids:
+            pipe.xrange(keys_of(account_id)["log"], count=1)
+        found = []
+        for account_id, oldest in zip(account_ids, pipe.execute(), strict=True):
+            if oldest:
+                age = now - int(oldest[0][0].split("-")[0]) / 1000
+                if age > STREAM_MAX_AGE:
+                    found.append(
+                        Mismatch(
+                            account_id,
+                            f"entries waited {age:.0f} s in Redis (the drain keeps them under {STREAM_MAX_AGE} s)",
+                        )
+                    )
+        return found
+
+    def _check_holds_and_jobs(self, session: Session, account_id: int, now: float) -> list[Mismatch]:
+        holds = self.redis.hgetall(keys_of(account_id)["holds"])
+        jobs = {
+            job.hold_id: job
+            for job in session.scalars(
+                select(Job).where(
+                    Job.account_id == account_id, (Job.status.in_(LIVE_JOB)) | (Job.hold_id.in_(list(holds)))
+                )
+            )
+        }
+        found = []
+        deadlines = self.redis.zmscore(EXPIRY, [f"{account_id}|{hold_id}" for hold_id in holds]) if holds else []
+        for (hold_id, amount), deadline in zip(holds.items(), deadlines, strict=True):
+            job = jobs.get(hold_id)
+            if job is not None:
+                if job.status not in LIVE_JOB:
+                    found.append(
+                        Mismatch(account_id, f"hold {hold_id} ({amount} µcr) is open for job {job.id}, {job.status}")
+                    )
+            elif deadline is None or deadline + HOLD_GRACE < now:
+                found.append(Mismatch(account_id, f"hold {hold_id} ({amount} µcr) belongs to no live request or job"))
+        for job in jobs.values():
+            if job.status in LIVE_JOB and job.hold_id not in holds:
+                found.append(Mismatch(account_id, f"job {job.id} is {job.status} without an open hold"))
+        ended = session.execute(
+            select(Job.id, Job.status, Job.cost_ucr, LedgerEntry.total_delta)
+            .join(LedgerEntry, LedgerEntry.entry_id == "end:" + Job.hold_id)
+            .where(Job.account_id == account_id, Job.status.not_in(LIVE_JOB))
+        )
+        for job_id, status, cost, delta in ended:
+            stated = (cost or 0) if status == "succeeded" else 0
+            if -delta != stated:
+                found.append(
+                    Mismatch(account_id, f"job {job_id} ({status}) states {stated} µcr, the ledger charged {-delta}")
+                )
+        return found
+
+    def _check_refunds(self, session: Session, account_id: int) -> list[Mismatch]:
+        purchases = session.scalars(
+            select(Purchase).where(Purchase.account_id == account_id, Purchase.refunded_cents > 0)
+        ).all()
+        if not purchases:
+            return []
+        booked = dict(
+            session.execute(
+                select(LedgerEntry.ref, func.coalesce(func.sum(-LedgerEntry.total_delta), 0))
+                .where(LedgerEntry.account_id == account_id, LedgerEntry.kind == "debit", LedgerEntry.ref.is_not(None))
+                .group_by(LedgerEntry.ref)
+            ).all()
+        )
+        owed = self.debts(account_id)
+        found = []
+        for purchase in purchases:
+            ref = purchase_ref(purchase.id)
+            taken = int(booked.get(ref, 0))
+            if taken != purchase.refunded_ucr:
+                found.append(
+                    Mismatch(
+                        account_id,
+                        f"purchase {purchase.id} says {purchase.refunded_ucr} µcr refunded, the ledger took {taken}",
+                    )
+                )
+            accounted = purchase.refunded_ucr + purchase.shortfall_ucr + owed.get(ref, 0)
+            if accounted != purchase.credits_for(purchase.refunded_cents):
+                found.append(
+                    Mismatch(
+                        account_id,
+                        f"purchase {purchase.id}: refunded {purchase.refunded_ucr} + spent {purchase.shortfall_ucr} "
+                        f"+ owed {owed.get(ref, 0)} µcr != the {purchase.credits_for(purchase.refunded_cents)} µcr "
+                        f"its {purchase.refunded_cents} refunded cents bought",
+                    )
+                )
+        return found
 
     def _sql_state(self, session: Session, account_id: int) -> tuple[int, dict[str, int]]:
         total = session.scalar(

@@ -77,7 +77,9 @@ class LedgerEntry(Base):
     changes the held part alone (a hold +, its end −). So for an account,
     Σ total_delta = Redis available + open holds, and Σ held_delta = open holds.
     Entry ids: ``grant:<id>``, ``hold:<hold id>``, ``end:<hold id>`` (settle, release
-    or expire: one end per hold), ``debit:<id>``.
+    or expire: one end per hold), ``late:<hold id>`` (a settle after its hold expired),
+    ``debit:<id>``, and a refund's ``debt:<hold id>:<n>`` (paid from a hold as it ended) and
+    ``unpaid:…`` (already spent, given up; no balance change).
     """
 
     __tablename__ = "ledger_entries"
@@ -90,9 +92,10 @@ class LedgerEntry(Base):
     held_delta: Mapped[int] = mapped_column(BigInteger, default=0)
     hold_id: Mapped[str | None] = mapped_column(String(64))
     reason: Mapped[str] = mapped_column(String(200), default="")
+    ref: Mapped[str | None] = mapped_column(String(64))  # a refund's entries: p<purchase id>
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    __table_args__ = (Index("ix_ledger_account_kind", "account_id", "kind"),)
+    __table_args__ = (Index("ix_ledger_account_kind", "account_id", "kind"), Index("ix_ledger_ref", "ref"))
 
 
 class UsageRecord(Base):
@@ -240,6 +243,12 @@ class Purchase(Base):
     receipt_url: Mapped[str | None] = mapped_column(String(500))  # the Stripe charge's receipt, once paid
 
     __table_args__ = (UniqueConstraint("provider", "external_id"),)
+
+    def credits_for(self, cents: int) -> int:
+        """The credits ``cents`` of its price bought (all of them for the whole price)."""
+        if cents >= self.amount_cents:
+            return self.credits_ucr
+        return self.credits_ucr * cents // self.amount_cents
 
 
 class WebhookEvent(Base):

@@ -181,7 +181,7 @@ def _take_back(session: Session, ledger: Ledger, purchase: Purchase, refunded_ce
     if new_cents <= 0 or purchase.status not in ("paid", "partially_refunded"):
         return 0
     # Cumulative, so the deltas of partial refunds add up to exactly the credits at a full one.
-    wanted = _credits_for(purchase, refunded_cents) - _credits_for(purchase, purchase.refunded_cents)
+    wanted = purchase.credits_for(refunded_cents) - purchase.credits_for(purchase.refunded_cents)
     applied, taken, _ = ledger.debit(
         session,
         purchase.account_id,
@@ -208,13 +208,6 @@ def _take_back(session: Session, ledger: Ledger, purchase: Purchase, refunded_ce
             extra={"purchase_id": purchase.id, "owed_or_spent_ucr": wanted - taken, "applied": applied},
         )
     return taken if changed.rowcount else 0
-
-
-def _credits_for(purchase: Purchase, cents: int) -> int:
-    """The credits ``cents`` of the purchase's price bought."""
-    if cents >= purchase.amount_cents:
-        return purchase.credits_ucr
-    return purchase.credits_ucr * cents // purchase.amount_cents
 
 
 def seen_event(session: Session, provider: str, event_id: str) -> bool:
