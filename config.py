@@ -120,6 +120,10 @@ def load(overrides: dict | None = None) -> dict:
         "DATABASE_URL": env("DATABASE_URL", f"sqlite:///{instance / 'broker.db'}"),
         # Unset: development starts an embedded Redis-compatible server under instance/.
         "REDIS_URL": env("REDIS_URL", ""),
+        # Redis connections per web process; a request holds one only during a round trip, and one
+        # that finds them all busy waits for a free one (up to REDIS_POOL_TIMEOUT s) instead of failing.
+        "REDIS_MAX_CONNECTIONS": int(env("REDIS_MAX_CONNECTIONS", "256")),
+        "REDIS_POOL_TIMEOUT": float(env("REDIS_POOL_TIMEOUT", "5")),
         "MARKUP": Decimal(env("MARKUP", "1.8")),
         "CREDIT_USD": Decimal(env("CREDIT_USD", "0.01")),
         "PRICES_FILE": env("PRICES_FILE", str(ROOT / "broker" / "prices.json")),

@@ -52,7 +52,11 @@ NON_STREAM_RPS = 1000.0  # concurrency 32
 STREAM_RPS = 800.0  # concurrency 32
 CPU_RATIO = 2.0  # broker CPU per non-stream request, as a multiple of the bare pass-through's
 STREAM_CPU_MS = 1.5  # broker CPU per stream
+OPEN_STREAMS = 1000  # streams held open at once, each streaming for STREAM_SECONDS upstream
+RSS_CAP = 2**30  # all web processes together while they hold the open streams, bytes
 
+# Broker log lines that count as warnings or errors.
+NOISY_LOG = r"WARNING|ERROR|CRITICAL|Traceback|Warning|pool is full"
 # A phase is flagged when processes other than ours used more than this share of the machine.
 NOISY_PCT = 5.0
 
@@ -201,7 +205,10 @@ def fake_app() -> Callable[..., Any]:
     from tests.fakes.upstreams import FakeUpstream, Reply, make_wsgi_app
 
     delay = float(os.environ.get("BENCH_UPSTREAM_DELAY") or 0)
-    return make_wsgi_app(FakeUpstream(Reply(delay=delay), record=False))
+    chunks = int(os.environ.get("BENCH_UPSTREAM_CHUNKS") or 3)
+    chunk_delay = float(os.environ.get("BENCH_UPSTREAM_CHUNK_DELAY") or 0)
+    reply = Reply(delay=delay, chunks=chunks, chunk_delay=chunk_delay)
+    return make_wsgi_app(FakeUpstream(reply, record=False))
 
 
 def bare_app() -> Callable[..., Any]:
@@ -551,14 +558,190 @@ def health(broker: Service, redis_url: str, account_id: int) -> str:
     while (snap := Ledger(client).snapshot(account_id))["holds"] and time.monotonic() < deadline:
         time.sleep(0.5)
     client.close()
-    pattern = r"WARNING|ERROR|CRITICAL|Traceback|Warning|pool is full"
-    noisy = [line for line in broker.text().splitlines() if re.search(pattern, line)]
+    noisy = [line for line in broker.text().splitlines() if re.search(NOISY_LOG, line)]
     lines = [
         f"after the run: {len(snap['holds'])} open holds ({snap['holds_sum']} ucr held); "
         f"broker log: {len(noisy)} warning/error lines"
     ]
     lines += [f"  {line[:160]}" for line in noisy[:5]]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- open streams
+
+
+def web_settings(env: dict[str, str]) -> dict[str, Any]:
+    """worker_connections and workers as gunicorn.conf.py computes them from ``env``."""
+    import runpy
+
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return {"workers": conf["workers"], "worker_connections": conf["worker_connections"]}
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its descendants."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        with suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
+    return total
+
+
+@dataclass
+class OpenStream:
+    started: float = 0.0
+    ended: float = 0.0
+    error: str = ""
+
+
+def hold_stream(port: int, body: str, key: str, timeout: float, go: Any, out: OpenStream) -> None:
+    """One client: wait for ``go``, POST a stream and read it to ``data: [DONE]``."""
+    go.wait()
+    conn = HTTPConnection("127.0.0.1", port, timeout=timeout)
+    out.started = time.monotonic()
+    try:
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "X-Forwarded-Proto": "https"}
+        conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            out.error = f"HTTP {response.status}"
+        elif b"data: [DONE]" not in data:
+            out.error = "no [DONE]"
+    except OSError as exc:
+        out.error = type(exc).__name__
+    finally:
+        out.ended = time.monotonic()
+        conn.close()
+
+
+def open_connections(service: Service) -> int:
+    """Established connections into ``service``'s port: the upstream streams the broker has open."""
+    count = 0
+    for proc in psutil.Process(service.process.pid).children():
+        with suppress(psutil.NoSuchProcess):
+            count += sum(
+                1
+                for c in proc.net_connections(kind="tcp")
+                if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == service.port
+            )
+    return count
+
+
+def peak_overlap(streams: list[OpenStream]) -> int:
+    """The most streams open at one moment."""
+    edges = sorted([(s.started, 1) for s in streams] + [(s.ended, -1) for s in streams])
+    peak = open_now = 0
+    for _, step in edges:
+        open_now += step
+        peak = max(peak, open_now)
+    return peak
+
+
+def open_streams_cell(args: argparse.Namespace, work: Path, env: dict[str, str], key: str) -> bool:
+    """Issue 14's cell: N streams open at once, the upstream streaming each for ``--stream-seconds``;
+    zero errors, all N open together, and the web processes' RSS (all of them) within 1 GiB."""
+    import threading
+
+    n, seconds = args.open_streams, args.stream_seconds
+    events = 8  # the fake's OpenAI stream: opening, 5 text pieces, finish, usage (the chunk delay is between them)
+    services: list[Service] = []
+    try:
+        slow = start_gunicorn(
+            "slow fake upstream",
+            ["--worker-class=gevent", "--workers=1", f"--worker-connections={n * 2 + 100}"]
+            + ["--bind=127.0.0.1:{port}", "--keep-alive=30", "--no-control-socket", "--log-level=warning"]
+            + [f"--pythonpath={ROOT},{ROOT / 'bench'}", "overhead:fake_app()"],
+            {**env, "BENCH_UPSTREAM_CHUNKS": "5", "BENCH_UPSTREAM_CHUNK_DELAY": str(seconds / (events - 1))},
+            work / "slow-fake.log",
+            "/",
+            services,
+        )
+        cell_env = {**env, "OPENAI_BASE_URL": f"http://127.0.0.1:{slow.port}/v1"}
+        web = start_gunicorn(
+            "broker (open streams)",
+            [*json.loads(env["BENCH_GUNICORN_ARGS"]), "app:app"],
+            cell_env,
+            work / "broker-open.log",
+            "/v1/models",
+            services,
+        )
+        settings = web_settings(cell_env)
+        workers = psutil.Process(web.process.pid).children()
+        nofile = workers[0].rlimit(psutil.RLIMIT_NOFILE)[0] if workers else -1
+        redis_max = cell_env.get("REDIS_MAX_CONNECTIONS") or "default"
+        if redis_max == "default":
+            import config as broker_config
+
+            redis_max = str(broker_config.load({"BROKER_ENV": "development"})["REDIS_MAX_CONNECTIONS"])
+        print(
+            f"open streams: {n} at once, upstream streaming {seconds:g} s each; web: {settings['workers']} workers x"
+            f" worker_connections {settings['worker_connections']}, REDIS_MAX_CONNECTIONS {redis_max},"
+            f" open-file limit {nofile} per worker",
+            flush=True,
+        )
+        threading.stack_size(256 * 1024)
+        body = request_body(True, True)
+        go = threading.Event()
+        streams = [OpenStream() for _ in range(n)]
+        threads = [
+            threading.Thread(target=hold_stream, args=(web.port, body, key, seconds * 3 + 30, go, s), daemon=True)
+            for s in streams
+        ]
+        for thread in threads:
+            thread.start()
+        rss_peak, cpu_before = 0, tree_cpu(web.process.pid)
+        go.set()
+        deadline = time.monotonic() + seconds * 3 + 60
+        upstream_peak = 0
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            rss_peak = max(rss_peak, tree_rss(web.process.pid))
+            upstream_peak = max(upstream_peak, open_connections(slow))
+            time.sleep(0.25)
+        cpu = tree_cpu(web.process.pid) - cpu_before
+        for thread in threads:
+            thread.join(timeout=1)
+        noisy = [line for line in web.text().splitlines() if re.search(NOISY_LOG, line)]
+    finally:
+        for service in reversed(services):
+            service.stop()
+    errors = [s.error or "unfinished" for s in streams if s.error or not s.ended]
+    durations = sorted(s.ended - s.started for s in streams if s.ended)
+    peak = peak_overlap([s for s in streams if s.ended])  # client side: includes those waiting to be accepted
+    kinds = {e: errors.count(e) for e in sorted(set(errors))}
+    print(
+        f"  streams: {n - len(errors)} ok, {len(errors)} errors {kinds or ''}; clients with one open at once: {peak};"
+        f" duration p50 {durations[len(durations) // 2] if durations else 0:.1f} s,"
+        f" max {durations[-1] if durations else 0:.1f} s; web CPU {cpu * 1000 / max(n, 1):.2f} ms per stream"
+    )
+    rows = [
+        (f"open streams, {n} at once: errors", str(len(errors)), "0", not errors),
+        (f"open streams, {n} at once: upstream streams at once", str(upstream_peak), f">= {n}", upstream_peak >= n),
+        (
+            "open streams: web RSS (all processes)",
+            f"{rss_peak / 2**20:.0f} MiB",
+            "<= 1024 MiB",
+            rss_peak <= RSS_CAP,
+        ),
+    ]
+    rows.append(("open streams: broker log warnings/errors", str(len(noisy)), "0", not noisy))
+    for what, got, want, ok in rows:
+        print(f"  {what:<44} {got:>12}   {want:<14} {'PASS' if ok else 'MISS'}")
+    for line in noisy[:5]:
+        print(f"    {line[:160]}")
+    return all(ok for *_, ok in rows)
 
 
 # --------------------------------------------------------------------------- main
@@ -580,6 +763,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--quiet-wait", type=float, default=20.0, help="max seconds to wait for a quiet machine per phase")
     add("--noisy-retries", type=int, default=2, help="re-runs of a phase disturbed by other load (default 2)")
     add("--profile", type=Path, metavar="DIR", help="py-spy the broker during the c=32 phases into DIR")
+    add(
+        "--open-streams",
+        type=int,
+        default=OPEN_STREAMS,
+        help=f"streams held open at once (default {OPEN_STREAMS}; 0: skip)",
+    )
+    add("--stream-seconds", type=float, default=10.0, help="how long the upstream streams each of them (default 10)")
     add("--hold", action="store_true", help="keep everything running after the phases until Ctrl-C")
     return parser.parse_args(argv)
 
@@ -661,6 +851,7 @@ def main(argv: list[str] | None = None) -> int:
                 broker = start_gunicorn(
                     "broker", [*gunicorn_args, "app:app"], env, work / "broker.log", "/v1/models", services
                 )
+                env["BENCH_GUNICORN_ARGS"] = json.dumps(gunicorn_args)  # for the open-streams cell
                 created = cli(env, "create-user", EMAIL)
                 found = re.search(r"created account (\d+)", created)
                 if found is None:
@@ -668,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
                 key = cli(env, "create-key", EMAIL, "--name", "bench").splitlines()[-1]
                 cli(env, "grant", EMAIL, GRANT_CREDITS, "--reason", "bench")
                 print(describe(broker, args))
-                return run_phases(args, work, fake, bare, broker, redis_server, key, int(found.group(1)))
+                return run_phases(args, work, env, fake, bare, broker, redis_server, key, int(found.group(1)))
             except BenchError as error:
                 print(f"\nbench failed: {error}", file=sys.stderr)
                 return 1
@@ -707,6 +898,7 @@ def describe(broker: Service, args: argparse.Namespace) -> str:
 def run_phases(
     args: argparse.Namespace,
     work: Path,
+    env: dict[str, str],
     fake: Service,
     bare: Service,
     broker: Service,
@@ -784,6 +976,9 @@ def run_phases(
             if r.target == "broker" and r.concurrency == 32 and spied.exists():
                 print()
                 print(profile_summary(spied, r.cpu_ms["broker"]))
+    if args.open_streams:
+        print()
+        ok = open_streams_cell(args, work, env, key) and ok
     print()
     print(health(broker, redis_server.url, account_id))
     if args.hold:

@@ -262,14 +262,18 @@ def init_app(app: Flask) -> Services:
         int(Decimal(config["SPEND_LIMIT_CREDITS_PER_DAY"]) * 1_000_000),
     )
     url = redis_url(config)
-    client = redis.Redis.from_url(
+    # Blocking: a request that finds every connection busy waits for one (a gevent worker holds up
+    # to GUNICORN_WORKER_CONNECTIONS requests, each using a connection only for its round trips).
+    pool = redis.BlockingConnectionPool.from_url(
         url,
         decode_responses=True,
         socket_connect_timeout=2,
         socket_timeout=5,
         health_check_interval=30,
         max_connections=config.get("REDIS_MAX_CONNECTIONS", 256),
+        timeout=config.get("REDIS_POOL_TIMEOUT", 5.0),
     )
+    client = redis.Redis(connection_pool=pool)
     engine = db.make_engine(config["DATABASE_URL"])
     session_factory = db.make_session_factory(engine)
     ledger = Ledger(client, hold_ttl=config["HOLD_TTL_SECONDS"])
