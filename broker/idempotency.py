@@ -75,7 +75,8 @@ def begin(
         first = stored["unknown"]
         raise Conflict(
             f"This Idempotency-Key was used by request {first}, which ended while the service was unavailable, "
-            f"so it was not run again; GET /v1/requests/{first} shows its receipt and what was charged.",
+            f"so it was not run again; GET /v1/requests/{first} shows its receipt and what was charged "
+            "(a 404: nothing was).",
             param="Idempotency-Key",
             code="idempotency_key_used",
         )

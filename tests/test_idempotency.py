@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
+from broker import idempotency
+from broker.errors import Conflict
 from tests.conftest import assert_invariant
 from tests.fakes.upstreams import Reply
 
@@ -183,3 +187,18 @@ def test_a_stream_too_large_to_keep_makes_a_retry_a_409_naming_the_first_request
     assert first.headers["X-Request-Id"] in retry.json()["error"]["message"]
     assert len(upstream.requests) == 1
     assert_invariant(app)
+
+
+def test_a_key_kept_for_an_unknown_outcome_is_a_409_naming_its_request(app):
+    """Issue 10 item 5: a request that failed after its hold or settle was sent keeps its key."""
+    client = app.extensions["broker"].redis
+    key, stored = idempotency.begin(client, 7, "stalled", b"body")
+    assert stored is None
+    idempotency.keep_unknown(client, key, b"body", "req_first")
+    with pytest.raises(Conflict) as retry:
+        idempotency.begin(client, 7, "stalled", b"body")
+    assert retry.value.code == "idempotency_key_used"
+    assert "GET /v1/requests/req_first" in retry.value.message
+    with pytest.raises(Conflict) as other_body:
+        idempotency.begin(client, 7, "stalled", b"another body")
+    assert other_body.value.code == "idempotency_key_reused"

@@ -107,7 +107,7 @@ def _store_down() -> Response:
     error = ServiceUnavailable(
         f"The service became unavailable while request {request_id} was being charged, so its outcome is "
         f"unknown. Once the service is back, look it up with GET /v1/requests/{request_id}: its receipt shows "
-        "what was charged. A retry with the same Idempotency-Key is not run again.",
+        "what was charged (a 404: nothing was). A retry with the same Idempotency-Key is not run again.",
         code=OUTCOME_UNKNOWN,
     )
     response = error_response(error)
