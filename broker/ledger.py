@@ -31,6 +31,7 @@ EXPIRY = "ledger:hold-expiry"
 MARKER_TTL = 30 * 24 * 3600
 DRAIN_BATCH = 500
 SPEND_DAY = 86400
+MAX_UCR = 10**15  # the scripts take amounts of at most 15 digits
 SPEND_TTL = 2 * SPEND_DAY
 # A hold script that Redis runs later than this before the caller's socket timeout belongs to
 # a request that has given up (and answered): it is refused rather than left holding credits.
@@ -258,6 +259,9 @@ class Ledger:
         ``ended``). ``extra(pipe)`` may add commands (e.g. a key's last-used stamp) to the
         same round trip.
         """
+        if isinstance(charge_ucr, bool) or not isinstance(charge_ucr, int) or not 0 <= charge_ucr < MAX_UCR:
+            # Refused here, before the pipeline: its expiry removal must not run for a hold the script keeps open.
+            raise ValueError(f"a charge must be a whole number of µcr from 0 to {MAX_UCR - 1}, not {charge_ucr!r}")
         k = keys_of(account_id)
 
         def build(pipe) -> None:

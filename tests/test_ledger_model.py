@@ -1,14 +1,14 @@
 """The real Ledger (Redis Lua scripts + SQL) against a pure-Python model of one account, step by step.
 
-A hypothesis ``RuleBasedStateMachine`` drives ``app.extensions["broker"].ledger``: purchases (grants, and
-the same grant id again), holds (with ``max_tokens``, or as many tokens as the balance affords; refused
-when it cannot), a hold id used twice, settles below / at / above a hold, releases, expiry through
-``reap_expired`` (charging what a live stream recorded as delivered, ``record_progress``), a settle that
-arrives after its hold expired (booked as a late charge, once), settles and releases sent again (as a
-retried webhook or job would), refunds (debits, never below zero, and the same debit id again; a purchase's
-refund owes what the balance lacks from the open holds, paid as they end, oldest debt first, and gives up
-what the remaining holds cannot cover) and a Redis that comes back empty (drain, FLUSHALL + SCRIPT FLUSH,
-``reconcile(repair=True)``).
+A hypothesis ``RuleBasedStateMachine`` drives ``app.extensions["broker"].ledger``: purchases (grants,
+and the same grant id again), holds (with ``max_tokens``, or as many tokens as the balance affords;
+refused when it cannot), a hold id used twice, settles below / at / above a hold, charges out of range
+(refused by the script, nothing moves), releases, expiry through ``reap_expired`` (charging what a live
+stream recorded as delivered, ``record_progress``), a settle that arrives after its hold expired (booked
+as a late charge, once), settles and releases sent again (as a retried webhook or job would), refunds
+(debits, never below zero, and the same debit id again; a purchase's refund owes what the balance lacks
+from the open holds, paid as they end, oldest debt first, and gives up what the remaining holds cannot
+cover) and a Redis that comes back empty (drain, FLUSHALL + SCRIPT FLUSH, ``reconcile(repair=True)``).
 
 The model is the contract of README "Money" and ``broker/ledger.py``: a grant or debit id is applied
 exactly once, a charge never exceeds its hold, every hold ends exactly once, and after Redis lost its
@@ -185,6 +185,21 @@ class LedgerModel(RuleBasedStateMachine):
         ended = self.ledger.end_hold(self.account, hold_id, charge, {"request_id": hold_id, "status": "ok"})
         self._ended(hold_id, min(charge, amount))
         assert (ended.status, ended.charged, ended.balance) == ("ended", min(charge, amount), self.available)
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data(), charge=st.sampled_from([-1, -(10**12), 10**15, 10**30, "12.5", "1e9", "NaN", ""]))
+    def settle_out_of_range(self, data, charge) -> None:
+        """A charge that is not a whole number from 0 to 15 digits reaches the script: it is refused, nothing moves."""
+        hold_id = data.draw(st.sampled_from(sorted(self.open)), label="hold_id")
+        before = self.ledger.snapshot(self.account)
+        try:
+            self.ledger.end_hold(self.account, hold_id, charge, {"request_id": hold_id})
+        except ValueError as error:
+            assert "a charge must be a whole number" in str(error)
+        else:
+            raise AssertionError(f"charge {charge!r} accepted")
+        assert self.ledger.snapshot(self.account) == before
+        assert self.svc.redis.zscore(EXPIRY, f"{self.account}|{hold_id}") is not None  # still reaped when due
 
     @precondition(lambda self: self.open)
     @rule(data=st.data())
