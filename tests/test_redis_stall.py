@@ -37,8 +37,12 @@ pytestmark = pytest.mark.slow
 
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "stall"}], "max_tokens": 20}
 IMAGE = {"model": "openai/gpt-image-1", "prompt": "a lighthouse at dawn", "quality": "low"}
-# Longer than the app's Redis socket timeout (5 s, broker.extensions), as in the audit.
-SLEEP_SECONDS = 7
+# Longer than the app's Redis socket timeout (5 s, broker.extensions), as the audit's 7 s was,
+# with room to spare on a loaded machine: a command sent up to 4 s into the sleep times out.
+SLEEP_SECONDS = 9
+# The fake provider's answer to the stalled settle's request comes this long after the request
+# reached it (the sleep begins meanwhile); the app's upstream read timeout is set above it.
+UPSTREAM_DELAY = 1.5
 
 
 @dataclass
@@ -83,7 +87,7 @@ def stalling(app, tmp_path):
     """The test app's database, on a Valkey that takes DEBUG SLEEP, served over HTTP (threaded)."""
     server = EmbeddedRedis(tmp_path / "debug-redis", appendonly=False, extra=["--enable-debug-command", "local"])
     server.start()
-    stalled = create_app({**app.config["BROKER_TEST_CONFIG"], "REDIS_URL": server.url})
+    stalled = create_app({**app.config["BROKER_TEST_CONFIG"], "REDIS_URL": server.url, "UPSTREAM_READ_TIMEOUT": 10.0})
     CURRENT["app"] = stalled
     http_server = make_server("127.0.0.1", 0, stalled, threaded=True)
     thread = threading.Thread(target=http_server.serve_forever, daemon=True)
@@ -142,7 +146,6 @@ def assert_outcome_unknown(status: int, headers: dict, body: dict) -> str:
 
 def test_a_stall_before_the_hold_is_a_503_nothing_was_charged_and_nothing_is(stalling, upstream: FakeUpstream):
     tenant = make_tenant("5")
-    start = stalling.balance(tenant)
     # A charged request first, on this same thread (the test client runs the app in it): what it
     # sent to the ledger must not colour the next request's answer.
     charged = stalling.app.test_client().post("/v1/chat/completions", json=CHAT, headers=tenant.headers)
@@ -197,9 +200,9 @@ def test_a_stall_during_the_settle_is_outcome_unknown_then_found_and_never_charg
     tenant = make_tenant("5")
     start = stalling.balance(tenant)
     headers = {**tenant.headers, "Idempotency-Key": "stall-during-settle"}
-    # The provider answers a second after the request reaches it: Redis is asleep by then, so
-    # the settle waits behind the sleep past the client's timeout and runs when Redis wakes.
-    upstream.queue(Reply(delay=1.0))
+    # The provider answers after the request has reached it and Redis has gone to sleep, so the
+    # settle waits behind the sleep past the client's timeout and runs when Redis wakes.
+    upstream.queue(Reply(delay=UPSTREAM_DELAY))
     answer: dict = {}
 
     def send() -> None:
