@@ -40,7 +40,8 @@ ERRORS = {
     "except with `error.code` `outcome_unknown`: the store failed after the request's hold or settle was sent, so "
     "whether it was charged is unknown. `request_id` (also `X-Request-Id`) names it: once the service is back, "
     "`GET /v1/requests/{request_id}` shows its receipt and what was charged (a `404`: nothing was); a retry "
-    "with the same `Idempotency-Key` is answered `409` and not run again.",
+    "with the same `Idempotency-Key` is answered `409` and not run again (`x-should-retry: false` keeps the SDKs "
+    "from retrying it by themselves).",
     "504": "The provider timed out; the hold was released. On the synchronous media routes, `job_still_running`: "
     "the wait ran out, the job named in `error.job_id` goes on and is charged; retry with the same "
     "`Idempotency-Key` for its result.",

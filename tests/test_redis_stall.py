@@ -139,6 +139,7 @@ def assert_outcome_unknown(status: int, headers: dict, body: dict) -> str:
     assert status == 503, body
     assert body["error"]["code"] == "outcome_unknown", body
     assert body["request_id"] == request_id
+    assert headers["x-should-retry"] == "false"  # the SDKs must not run it again by themselves
     assert f"GET /v1/requests/{request_id}" in body["error"]["message"]
     assert "nothing was charged" not in body["error"]["message"].lower()
     return request_id

@@ -109,6 +109,9 @@ def _store_down() -> Response:
         f"unknown. Once the service is back, look it up with GET /v1/requests/{request_id}: its receipt shows "
         "what was charged (a 404: nothing was). A retry with the same Idempotency-Key is not run again.",
         code=OUTCOME_UNKNOWN,
+        # The OpenAI and Anthropic SDKs retry a 503 by themselves, without an Idempotency-Key
+        # (a second run and charge) or with one (a 409): neither helps.
+        headers={"x-should-retry": "false"},
     )
     response = error_response(error)
     if not _is_anthropic():  # Anthropic's envelope carries the request id already
