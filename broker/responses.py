@@ -29,11 +29,11 @@ from datetime import UTC, datetime
 
 import redis
 
-from broker import chat, limits, metrics, pricing
+from broker import chat, metrics, pricing
 from broker.chat import ChatResponse, Metering
 from broker.errors import BrokerError, InvalidRequest, NotFound, UpstreamStreamBroken
 from broker.keys import Caller
-from broker.ledger import Hold, HoldEnd
+from broker.ledger import HoldEnd
 from broker.providers.base import ChatCall, Usage, count_of, net_count
 from broker.schemas import ResponsesRequest
 
@@ -259,24 +259,7 @@ def start(m: Metering, r: redis.Redis, caller: Caller, req: ResponsesRequest, re
         + images * pricing.image_token_bound(price.rules)
         + context
     )
-    fixed = int((bound * price.max_input_rate * m.markup / m.credit_usd).to_integral_value(rounding="ROUND_CEILING"))
-    per_token = pricing.ucr_per_token(price.output, m.markup, m.credit_usd)
-    if caller.marketplace:
-        hold = Hold(True, 0, requested or price.max_output_tokens, 0)
-    else:
-        hold = m.ledger.hold(
-            caller.account_id,
-            request_id,
-            fixed,
-            per_token,
-            requested or 0,
-            price.max_output_tokens,
-            key_id=caller.key_id,
-            spend_cap_ucr=caller.spend_cap_ucr,
-        )
-        if not hold.ok:
-            needed = fixed + (requested or 16) * per_token
-            raise limits.hold_refusal(hold.why, caller.spend_cap_ucr) or chat._insufficient(hold.balance, needed)
+    hold = chat.take_hold(m, caller, price, bound, requested, request_id)
     namespace = chat.account_namespace(caller.account_id)
     for name, limit in NAMESPACED.items():
         if name in sent:
