@@ -36,6 +36,7 @@ from broker.errors import (
     InsufficientCredits,
     InvalidRequest,
     UpstreamStreamBroken,
+    outcome_unknown,
 )
 from broker.keys import Caller, stamp_use
 from broker.ledger import Hold, HoldEnd, Ledger
@@ -711,6 +712,16 @@ def _relay(m: Metering, ctx: _Call, events, upstream, meta: StreamMeta) -> Itera
     usage: Usage | None = None
     settled = False
     progress = StreamProgress(m, ctx)
+
+    def settle(finished: bool, error_code: str | None = None) -> tuple[Usage, HoldEnd]:
+        nonlocal settled
+        # Sent once: a settle that failed in Redis may still land, so none follows it.
+        settled = True
+        billable, estimated = _billable_usage(ctx, usage, "".join(delivered), finished=finished)
+        status = "ok" if finished else "partial"
+        ended, _, _ = _settle(m, ctx, billable, estimated or not finished, status, True, error_code)
+        return billable, ended
+
     try:
         for event in events:
             if isinstance(event, UsageReport):
@@ -720,22 +731,20 @@ def _relay(m: Metering, ctx: _Call, events, upstream, meta: StreamMeta) -> Itera
             delivered.append(text)
             progress.beat(usage, delivered)
             yield from lines
-        billable, estimated = _billable_usage(ctx, usage, "".join(delivered), finished=True)
-        ended, _, _ = _settle(m, ctx, billable, estimated, "ok", stream=True)
-        settled = True
+        billable, ended = settle(finished=True)
         if ctx.include_usage:
             yield chunks.usage(billable, ended.charged)
         yield "data: [DONE]\n\n"
     except UpstreamStreamBroken as error:
         metrics.UPSTREAM_ERRORS.labels(ctx.price.provider, error.code).inc()
-        billable, _ = _billable_usage(ctx, usage, "".join(delivered), finished=False)
-        ended, _, _ = _settle(m, ctx, billable, True, "partial", True, error.code)
-        settled = True
+        billable, ended = settle(finished=False, error_code=error.code)
         if ctx.include_usage:
             yield chunks.usage(billable, ended.charged)
         yield "data: " + json.dumps(error.body()) + "\n\n"
+    except redis.RedisError:
+        log.error("Redis unavailable while settling a stream", extra={"request_id": ctx.request_id})
+        yield "data: " + json.dumps(outcome_unknown(ctx.request_id).body()) + "\n\n"
     finally:
         if not settled:
-            billable, _ = _billable_usage(ctx, usage, "".join(delivered), finished=False)
-            _settle(m, ctx, billable, True, "partial", True, "client_disconnected")
+            settle(finished=False, error_code="client_disconnected")
         upstream.close()

@@ -98,6 +98,19 @@ class ServiceUnavailable(BrokerError):
     code = "service_unavailable"
 
 
+def outcome_unknown(request_id: str) -> ServiceUnavailable:
+    """Redis or the database failed after the request sent its hold or settle: the script may have run."""
+    return ServiceUnavailable(
+        f"The service became unavailable while request {request_id} was being charged, so its outcome is "
+        f"unknown. Once the service is back, look it up with GET /v1/requests/{request_id}: its receipt shows "
+        "what was charged (a 404: nothing was). A retry with the same Idempotency-Key is not run again.",
+        code="outcome_unknown",
+        # The OpenAI and Anthropic SDKs retry a 503 by themselves, without an Idempotency-Key
+        # (a second run and charge) or with one (a 409): neither helps.
+        headers={"x-should-retry": "false"},
+    )
+
+
 class UpstreamError(BrokerError):
     """The provider failed before it delivered anything; the hold is released in full."""
 

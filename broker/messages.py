@@ -21,15 +21,17 @@ stream is translated back.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from itertools import chain
 
+import redis
 from pydantic import ValidationError
 
 from broker import chat, pricing
 from broker.chat import ChatResponse, Metering
-from broker.errors import BrokerError, InvalidRequest, NotFound, UpstreamStreamBroken
+from broker.errors import BrokerError, InvalidRequest, NotFound, UpstreamStreamBroken, outcome_unknown
 from broker.keys import Caller
 from broker.pricing import ModelPrice
 from broker.providers import _common as c
@@ -37,6 +39,8 @@ from broker.providers import anthropic
 from broker.providers import anthropic_messages as translate
 from broker.providers.anthropic import AnthropicProvider, RawEvent
 from broker.schemas import ChatCompletionRequest, MessagesCountRequest, MessagesRequest
+
+log = logging.getLogger(__name__)
 
 ENDPOINT = "messages"
 # anthropic-beta flags forwarded to Anthropic: none changes the price beyond the table (1-hour
@@ -206,9 +210,9 @@ def _relay(m: Metering, ctx: chat.MeteredCall, events: Iterator[RawEvent], upstr
 
     def settle(finished: bool, error_code: str | None = None) -> None:
         nonlocal settled
+        settled = True  # sent once: a settle that failed in Redis may still land, so none follows it
         reported = anthropic.usage_from(usage) if usage else None
         chat.settle_call(m, ctx, reported, "".join(delivered), finished=finished, stream=True, error_code=error_code)
-        settled = True
 
     try:
         for name, data, event in events:
@@ -231,6 +235,11 @@ def _relay(m: Metering, ctx: chat.MeteredCall, events: Iterator[RawEvent], upstr
         if not relayed_error:
             body = {"type": "error", "error": {"type": "api_error", "message": error.message}}
             yield f"event: error\ndata: {json.dumps(body)}\n\n"
+    except redis.RedisError:
+        log.error("Redis unavailable while settling a stream", extra={"request_id": ctx.request_id})
+        message = outcome_unknown(ctx.request_id).message
+        body = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
+        yield f"event: error\ndata: {json.dumps(body)}\n\n"
     finally:
         if not settled:
             settle(finished=False, error_code="client_disconnected")

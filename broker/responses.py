@@ -24,6 +24,7 @@ other unpriced options listed in ``REFUSED``.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -31,11 +32,13 @@ import redis
 
 from broker import chat, metrics, pricing
 from broker.chat import ChatResponse, Metering
-from broker.errors import BrokerError, InvalidRequest, NotFound, UpstreamStreamBroken
+from broker.errors import BrokerError, InvalidRequest, NotFound, UpstreamStreamBroken, outcome_unknown
 from broker.keys import Caller
 from broker.ledger import HoldEnd
 from broker.providers.base import ChatCall, Usage, count_of, net_count
 from broker.schemas import ResponsesRequest
+
+log = logging.getLogger(__name__)
 
 BINDING_SECONDS = 30 * 24 * 3600  # OpenAI keeps stored responses 30 days
 TOOL_TYPES = {"function", "custom"}
@@ -325,8 +328,8 @@ def _relay(run: _Context, head: list, events) -> Iterator[str]:
                 delivered.append(event["delta"])
                 progress.beat(None, delivered)
             if kind in TERMINAL and isinstance(response, dict):
+                settled = True  # sent once: a settle that failed in Redis may still land, so none follows it
                 charged = run.settle(response, "".join(delivered) or _output_text(response), True, True)
-                settled = True
                 if isinstance(response.get("usage"), dict):
                     response["usage"]["cost_credits"] = float(pricing.format_credits(charged))
             if isinstance(response, dict):
@@ -336,9 +339,14 @@ def _relay(run: _Context, head: list, events) -> Iterator[str]:
     except UpstreamStreamBroken as error:
         metrics.UPSTREAM_ERRORS.labels("openai", error.code).inc()
         if not settled:
-            run.settle(None, "".join(delivered), False, True, error.code)
             settled = True
+            run.settle(None, "".join(delivered), False, True, error.code)
         body = {"type": "error", "code": error.code, "message": error.message, "param": None}
+        yield _sse("error", json.dumps({**body, "sequence_number": sequence + 1}))
+    except redis.RedisError:
+        log.error("Redis unavailable while settling a stream", extra={"request_id": run.ctx.request_id})
+        unknown = outcome_unknown(run.ctx.request_id)
+        body = {"type": "error", "code": unknown.code, "message": unknown.message, "param": None}
         yield _sse("error", json.dumps({**body, "sequence_number": sequence + 1}))
     finally:
         if not settled:

@@ -235,3 +235,40 @@ def test_a_stall_during_the_settle_is_outcome_unknown_then_found_and_never_charg
     assert len(upstream.requests) == 1
     assert stalling.balance(tenant) == start - charged
     assert_invariant(stalling.app)
+
+
+def test_a_stall_during_a_streams_settle_ends_it_with_outcome_unknown_and_charges_the_real_usage_once(
+    stalling, upstream
+):
+    """The settle of a stream queued behind the stall: the stream ends with an ``outcome_unknown`` error
+    event naming the request (not silently cut), and no second, estimated settle follows the first."""
+    tenant = make_tenant("5")
+    start = stalling.balance(tenant)
+    # Each event after the first comes 0.5 s later: the settle is sent a second or two into the sleep.
+    upstream.queue(Reply(text="one two three four", chunks=2, chunk_delay=0.5, output_tokens=7))
+    response = requests.post(
+        f"{stalling.url}/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        headers=tenant.headers,
+        stream=True,
+        timeout=60,
+    )
+    lines = response.iter_lines(chunk_size=1)  # each line as it arrives
+    first = next(line for line in lines if line.startswith(b"data:"))  # the stream is under way
+    assert b'"role":"assistant"' in first or b"content" in first
+    sleeper = stalling.stall()  # the last chunk (and the settle after it) comes while Redis sleeps
+    rest = [line for line in lines if line.startswith(b"data:")]
+    sleeper.join()
+    request_id = response.headers["X-Request-Id"]
+    error = json.loads(rest[-1][len(b"data: ") :])
+    assert error["error"]["code"] == "outcome_unknown", rest
+    assert f"GET /v1/requests/{request_id}" in error["error"]["message"]
+    assert b"[DONE]" not in b"".join(rest)
+
+    receipt = stalling.receipt(tenant, request_id)
+    assert receipt.status_code == 200, receipt.text
+    record = receipt.json()
+    assert record["status"] == "ok" and record["tokens"]["output"] == 7  # the real usage, not an estimate
+    assert stalling.balance(tenant) == start - record["charged_ucr"]
+    assert stalling.held(tenant) == ({}, 0)
+    assert_invariant(stalling.app)

@@ -12,7 +12,7 @@ from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException, RequestURITooLarge
 
 from broker import ledger
-from broker.errors import BrokerError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from broker.errors import BrokerError, InvalidRequest, PayloadTooLarge, ServiceUnavailable, outcome_unknown
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _page(error: HTTPException):
 
 # The code of a 503 whose charge is unknown; such a request also sets ``g.outcome_unknown``, so
 # that its Idempotency-Key is kept rather than freed for a retry (broker.api.keep_idempotent).
-OUTCOME_UNKNOWN = "outcome_unknown"
+OUTCOME_UNKNOWN = "outcome_unknown"  # the code of broker.errors.outcome_unknown
 
 
 def _store_down() -> Response:
@@ -104,15 +104,7 @@ def _store_down() -> Response:
         return error_response(ServiceUnavailable("The service is temporarily unavailable; nothing was charged."))
     request_id = g.get("request_id", "")
     g.outcome_unknown = True
-    error = ServiceUnavailable(
-        f"The service became unavailable while request {request_id} was being charged, so its outcome is "
-        f"unknown. Once the service is back, look it up with GET /v1/requests/{request_id}: its receipt shows "
-        "what was charged (a 404: nothing was). A retry with the same Idempotency-Key is not run again.",
-        code=OUTCOME_UNKNOWN,
-        # The OpenAI and Anthropic SDKs retry a 503 by themselves, without an Idempotency-Key
-        # (a second run and charge) or with one (a 409): neither helps.
-        headers={"x-should-retry": "false"},
-    )
+    error = outcome_unknown(request_id)
     response = error_response(error)
     if not _is_anthropic():  # Anthropic's envelope carries the request id already
         response.set_data(json.dumps({**error.body(), "request_id": request_id}))
