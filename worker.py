@@ -8,8 +8,12 @@ its own session, lease (renewed while it runs) and timeout (``MEDIA_JOB_TIMEOUT_
 so a 20 s image call holds a thread, not the process; housekeeping jobs run beside them in
 the main thread (RQ's job timeout, a SIGALRM, still covers those). A music job waiting for
 its vendor holds nothing: its next poll is a job RQ's scheduler (``with_scheduler``)
-enqueues when due. SIGTERM stops taking jobs and waits for those in flight; a second
-SIGTERM (or SIGKILL) leaves them to the stuck-job check.
+enqueues when due. RQ's scheduler runs in a thread of the worker (``ThreadScheduler``),
+never a forked child: RQ forks it again later (its maintenance, every 10 minutes, for a
+worker that did not get the scheduler's lock at start), and a fork while media threads
+hold locks (Redis and database pools, logging) can leave the child deadlocked.
+SIGTERM stops taking jobs and waits for those in flight; a second SIGTERM (or SIGKILL)
+leaves them to the stuck-job check.
 
 With several workers, run the cron once: ``python worker.py --no-cron`` for the workers
 and ``python worker.py --cron-only`` for the one scheduler (see the Procfile).
@@ -21,12 +25,14 @@ import argparse
 import logging
 import multiprocessing
 import sys
+import threading
 import time
 
 import redis
 from rq import Queue, SimpleWorker
 from rq.cron import CronScheduler
 from rq.exceptions import DequeueTimeout
+from rq.scheduler import RQScheduler
 from sqlalchemy.orm import configure_mappers
 
 from broker import create_app, jobs
@@ -38,6 +44,44 @@ log = logging.getLogger("broker.worker")
 QUEUES = ("housekeeping", "media")
 # While its media jobs fill the pool, the worker looks for room this often (seconds).
 FULL_POLL_SECONDS = 1
+# A worker without the scheduler's lock tries for it this often, so the scheduler moves to a live
+# worker soon after its holder dies (the lock itself lapses 61 s after its last refresh).
+SCHEDULER_TAKEOVER_SECONDS = 5
+
+
+class ThreadScheduler(RQScheduler):
+    """RQ's scheduler (moves due scheduled jobs, retries and music re-checks, onto their queues) in a
+    thread of the worker instead of a forked process (see the module docstring).
+
+    The thread runs in every worker, holding the lock or not, and one without it tries for the
+    lock every ``SCHEDULER_TAKEOVER_SECONDS``. As RQ's worker only starts it again when it is
+    not alive, RQ never forks a scheduler process here.
+    """
+
+    def start(self) -> threading.Thread:
+        self._status = self.Status.STARTED
+        self._stop_requested = False
+        self._process = threading.Thread(target=self._loop, name="rq-scheduler", daemon=True)
+        self._process.start()
+        return self._process
+
+    def _loop(self) -> None:
+        tried = 0.0
+        while not self._stop_requested:
+            try:
+                if self._acquired_locks != self._queue_names and time.monotonic() - tried > SCHEDULER_TAKEOVER_SECONDS:
+                    tried = time.monotonic()
+                    self.acquire_locks()
+                    self.register_birth()
+                self.heartbeat()
+                self.enqueue_scheduled_jobs()
+            except redis.RedisError as error:
+                log.warning("scheduler lost Redis; trying again", extra={"error": type(error).__name__})
+            time.sleep(self.interval)
+        try:
+            self.stop()
+        except redis.RedisError:
+            pass  # its lock lapses by itself
 
 
 class MediaWorker(SimpleWorker):
@@ -48,6 +92,19 @@ class MediaWorker(SimpleWorker):
     """
 
     pool: jobs.MediaPool | None = None
+
+    def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO", *args, **kwargs) -> None:
+        # RQ's own starts a forked process, and only when it got the lock (see ThreadScheduler).
+        level = logging_level or "WARNING"
+        self.scheduler = ThreadScheduler(
+            self.queues, connection=self.connection, logging_level=level, serializer=self.serializer
+        )
+        self.scheduler.start()
+
+    def stop_scheduler(self) -> None:
+        if self.scheduler is not None and self.scheduler._process is not None:
+            self.scheduler.request_stop()
+            self.scheduler._process.join(5)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
         # Listed twice so RQ pops with BLPOP, as for the worker's two queues (with one queue it moves

@@ -85,8 +85,10 @@ class MediaPool:
     exists, so a process killed at any point leaves it running with a lease that lapses:
     the stuck-job check then finishes it. One keeper thread renews the leases of the jobs
     in flight here and fails (and releases) those past their timeout. With ``provider_cap``
-    a job first waits, claimed but without calling anyone, for one of its provider's
-    places (``media.take_place``), shared by every worker.
+    a new job first waits for one of its provider's places (``media.take_place``), shared by
+    every worker, without calling anyone: reserved by this worker but still ``queued``
+    (``media.reserve``), so its owner can cancel it meanwhile; it is claimed (running) only
+    once it has its place (``media.claim_reserved``), and a canceled one never is.
     """
 
     def __init__(self, app: Flask, size: int, provider_cap: int, timeout: float) -> None:
@@ -107,9 +109,11 @@ class MediaPool:
         return self.in_flight() < self.size
 
     def start(self, svc: Services, job_id: str, recheck: str | None, retries_left: int) -> str:
-        """Claim the job and start its thread; "skipped" if it is not ours to run."""
+        """Claim (or, while it must wait for a provider place, reserve) the job and start its thread;
+        "skipped" if it is not ours to run."""
         running = media.Running(job_id)
-        if not media.claim(svc.media, svc.db(), job_id, recheck, running):
+        reserved = recheck is None and self.provider_cap and media.reserve(svc.media, svc.db(), job_id, running)
+        if not reserved and not media.claim(svc.media, svc.db(), job_id, recheck, running):
             return "skipped"
         with self._changed:
             self._running[id(running)] = running
@@ -133,7 +137,10 @@ class MediaPool:
             outcome = "error"
             try:
                 if self.provider_cap and not self._take_place(svc, running, retries_left):
-                    outcome = "requeued"
+                    outcome = "requeued" if not running.ended else "canceled"
+                    return
+                if running.waiting and not media.claim_reserved(ctx, session, running):
+                    outcome = "canceled"  # while it waited: its place is freed, the provider never called
                     return
                 running.deadline = time.monotonic() + self.timeout
                 try:
@@ -154,9 +161,10 @@ class MediaPool:
 
     def _take_place(self, svc: Services, running: media.Running, retries_left: int) -> bool:
         """Wait for one of the provider's places (the job's lease renewed meanwhile); on stop, hand the
-        job back to the queue and return False."""
+        job back to the queue and return False; False too once it was canceled while it waited."""
         ctx = svc.media
         provider = media.provider_of(ctx, svc.db(), running.job_id)
+        look_for_cancel = time.monotonic() + CANCEL_LOOK_SECONDS
         while True:
             until = time.time() + ctx.lease_seconds
             if media.take_place(ctx, provider, running.job_id, self.provider_cap, until):
@@ -164,6 +172,13 @@ class MediaPool:
                 return True
             if self.stopping.is_set():
                 media.requeue(ctx, svc.db(), running, retries_left)
+                return False
+            if running.waiting and time.monotonic() > look_for_cancel:
+                # A cancel signals the job's end; the keeper's renewal would notice it too, later.
+                look_for_cancel = time.monotonic() + CANCEL_LOOK_SECONDS
+                if media.gone(ctx, running.job_id):
+                    running.ended = True
+            if running.ended:
                 return False
             time.sleep(random.uniform(0.1, 0.3))  # spread the looks of many waiting jobs
 
@@ -233,6 +248,9 @@ class MediaPool:
             running.place_until = time.time() + ctx.lease_seconds
             media.renew_place(ctx, running.provider, running.job_id, running.place_until)
 
+
+# A job waiting for a provider place looks this often whether it was canceled (seconds).
+CANCEL_LOOK_SECONDS = 1.0
 
 # Set by worker.py (``python worker.py``): media jobs then run in its threads.
 POOL: MediaPool | None = None

@@ -451,7 +451,8 @@ def linked_result(ctx: MediaContext, session: Session, job_id: str, index: int, 
 
 
 def cancel(ctx: MediaContext, session: Session, account_id: int, job_id: str) -> Job:
-    """Cancel a queued job and release its hold; a running or finished one is a 409."""
+    """Cancel a queued job (one a worker holds while it waits for a provider place included: it stays
+    ``queued`` until it has its place) and release its hold; a running or finished one is a 409."""
     job = get_job(session, account_id, job_id)
     if not _set_status(session, job.id, ("queued",), "canceled"):
         session.refresh(job)
@@ -488,6 +489,7 @@ class Running:
     job_id: str
     lease_until: datetime | None = None
     deadline: float = math.inf  # time.monotonic() past which the job is failed as timed out
+    waiting: bool = False  # reserved (still ``queued``) while it waits for a provider place (``reserve``)
     provider: str = ""  # set while it holds one of its provider's places (``take_place``)
     place_until: float = 0.0  # time.time() when that place lapses unless renewed
     ended: bool = False
@@ -535,7 +537,10 @@ def _claim(
         result = session.execute(
             update(Job)
             .where(Job.id == job_id)
-            .where((Job.status == "queued") | ((Job.status == "running") & (Job.lease_until < now)))
+            .where(
+                ((Job.status == "queued") & (Job.lease_until.is_(None) | (Job.lease_until < now)))
+                | ((Job.status == "running") & (Job.lease_until < now))
+            )
             .values(status="running", lease_until=lease, started_at=now, attempts=Job.attempts + 1)
         )
         session.commit()
@@ -552,6 +557,52 @@ def _claim(
 def claim(ctx: MediaContext, session: Session, job_id: str, recheck: str | None, running: Running) -> bool:
     """Claim the job for a run in a thread (``run_claimed``); False if it is not ours to run."""
     return _claim(ctx, session, job_id, recheck, running) is not None
+
+
+def reserve(ctx: MediaContext, session: Session, job_id: str, running: Running) -> bool:
+    """Hold a queued job for this worker while it waits for a provider place, leaving it ``queued``.
+
+    The job stays cancelable meanwhile (``cancel`` is queued → canceled); its lease marks it
+    held, so no other run claims it, and a lease that lapses (the worker died) has the
+    stuck-job check queue it again. ``claim_reserved`` then makes it ``running``.
+    """
+    now = _now()
+    lease = now + timedelta(seconds=ctx.lease_seconds)
+    reserved = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .where(Job.lease_until.is_(None) | (Job.lease_until < now))
+        .values(lease_until=lease)
+    )
+    session.commit()
+    if reserved.rowcount != 1:
+        return False
+    running.lease_until, running.waiting = lease, True
+    return True
+
+
+def claim_reserved(ctx: MediaContext, session: Session, running: Running) -> bool:
+    """queued → running for a job ``reserve`` held, once it has its place; False if it was canceled
+    meanwhile (or its lease lapsed and it was queued again): then the provider is never called."""
+    with running.lock:
+        now = _now()
+        lease = now + timedelta(seconds=ctx.lease_seconds)
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == running.job_id, Job.status == "queued", Job.lease_until == running.lease_until)
+            .values(status="running", lease_until=lease, started_at=now, attempts=Job.attempts + 1)
+        )
+        session.commit()
+        if claimed.rowcount != 1:
+            running.ended = True
+            return False
+        running.lease_until, running.waiting = lease, False
+        return True
+
+
+def gone(ctx: MediaContext, job_id: str) -> bool:
+    """Whether the job has signalled its end (a cancel does): a job waiting for a place stops waiting."""
+    return bool(ctx.redis.exists(DONE_KEY + job_id))
 
 
 def run(
@@ -609,7 +660,15 @@ def _run_job(
             if not ours:
                 return "timed_out"
             if not final_attempt:
-                _set_status(session, job.id, ("running",), "queued", error_type=error.code, error_message=error.message)
+                _set_status(
+                    session,
+                    job.id,
+                    ("running",),
+                    "queued",
+                    error_type=error.code,
+                    error_message=error.message,
+                    lease_until=None,  # a lease on a queued job means a worker holds it (``reserve``)
+                )
                 raise
             _fail(ctx, session, job, price, error)
         return "failed"
@@ -636,13 +695,16 @@ def renew_lease(ctx: MediaContext, session: Session, running: Running) -> bool:
         if running.ended or running.lease_until is None:
             return False
         lease = _now() + timedelta(seconds=ctx.lease_seconds)
+        status = "queued" if running.waiting else "running"
         renewed = session.execute(
             update(Job)
-            .where(Job.id == running.job_id, Job.status == "running", Job.lease_until == running.lease_until)
+            .where(Job.id == running.job_id, Job.status == status, Job.lease_until == running.lease_until)
             .values(lease_until=lease)
         )
         session.commit()
         if renewed.rowcount != 1:
+            if running.waiting:
+                running.ended = True  # canceled while it waited: its thread stops waiting
             return False
         running.lease_until = lease
         return True
@@ -665,9 +727,22 @@ def time_out(ctx: MediaContext, session: Session, running: Running, seconds: flo
 
 
 def requeue(ctx: MediaContext, session: Session, running: Running, retries_left: int) -> None:
-    """Hand a claimed job that has not called its provider back to the queue (the worker is stopping)."""
+    """Hand a claimed (or reserved) job that has not called its provider back to the queue (the worker
+    is stopping)."""
     with _owned(running) as ours:
-        if ours and _set_status(session, running.job_id, ("running",), "queued"):
+        if not ours:
+            return
+        if running.waiting:
+            given_back = session.execute(
+                update(Job)
+                .where(Job.id == running.job_id, Job.status == "queued", Job.lease_until == running.lease_until)
+                .values(lease_until=None)
+            )
+            session.commit()
+            done = given_back.rowcount == 1
+        else:
+            done = _set_status(session, running.job_id, ("running",), "queued", lease_until=None)
+        if done:
             ctx.queue.enqueue(
                 "broker.jobs.run_media_job",
                 running.job_id,
@@ -885,18 +960,26 @@ def _receipt(ctx: MediaContext, job: Job, price: ModelPrice, status: str, cost: 
 
 
 def finish_stuck(ctx: MediaContext, session: Session) -> list[str]:
-    """Bring running jobs whose lease ran out (their worker died) to a terminal state.
+    """Bring running jobs whose lease ran out (their worker died) to a terminal state; returns their ids.
 
     If the hold was already settled the job had finished its work: it succeeds with
-    that charge. Otherwise the hold is released (exactly once: the release is
-    idempotent by hold id) and the job fails with ``worker_lost``.
+    that charge. A music job with a task at the vendor is not given up while the vendor
+    may still work: its poll is run again (``_rescue_music``), and only a job whose
+    rescue was never run (no worker took it in a whole lease) is failed. Otherwise the
+    hold is released (exactly once: the release is idempotent by hold id) and the job
+    fails with ``worker_lost``. A job a worker reserved while it waited for a provider
+    place (still ``queued``) and whose lease ran out is queued again (``_queue_again``).
     """
-    stuck = session.scalars(select(Job).where(Job.status == "running", Job.lease_until < _now()))
+    now = _now()
+    _queue_again(ctx, session, now)
+    stuck = session.scalars(select(Job).where(Job.status == "running", Job.lease_until < now))
     finished = []
     for job in list(stuck):
         state, charged = ctx.ledger.hold_state(job.account_id, job.hold_id)
         if state == "ended" and results_of(session, job.id):
             done = _set_status(session, job.id, ("running",), "succeeded", cost_ucr=charged, progress=100)
+        elif state != "ended" and job.type == "music" and job.upstream_task_id and _rescue_music(ctx, session, job):
+            continue
         else:
             price = ctx.prices.models[job.model]
             receipt = _receipt(ctx, job, price, "error", Decimal(0), {})
@@ -915,6 +998,77 @@ def finish_stuck(ctx: MediaContext, session: Session) -> list[str]:
             _signal(ctx, job.id, "finished")
             finished.append(job.id)
     return finished
+
+
+RESCUED_KEY = "job-rescued:"
+# Rescues go to the housekeeping queue, which a worker takes from even while its media jobs fill it.
+RESCUE_QUEUE = "housekeeping"
+
+
+def _rescue_music(ctx: MediaContext, session: Session, job: Job) -> bool:
+    """Run a lapsed music job's next poll now, on a new lease; False if its last rescue never ran.
+
+    Its lease lapses when the re-check is late (the scheduler's lock passing to another
+    worker, a queue full of media jobs) or its worker died mid-poll; the vendor works on
+    meanwhile. The re-check that was late, when it comes, finds the lease moved on and
+    skips. A rescue that lapses in turn means no worker took it for a whole lease: the
+    job is then failed as lost. The poll itself fails the job past ``music_max_wait``.
+    """
+    marker = RESCUED_KEY + job.id
+    rescued = ctx.redis.get(marker)
+    if isinstance(rescued, bytes):
+        rescued = rescued.decode()
+    if rescued == as_utc(job.lease_until).isoformat():
+        return False
+    lease = _now() + timedelta(seconds=ctx.lease_seconds)
+    moved = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "running", Job.lease_until == job.lease_until)
+        .values(lease_until=lease)
+    )
+    session.commit()
+    if moved.rowcount != 1:
+        return True  # a re-check took it meanwhile: not stuck
+    # Written before the enqueue: a rescue that is never run fails the job at its next lapse.
+    ctx.redis.set(marker, lease.isoformat(), ex=86400)
+    Queue(RESCUE_QUEUE, connection=ctx.queue.connection).enqueue(
+        "broker.jobs.run_media_job",
+        job.id,
+        lease.isoformat(),
+        len(ctx.retry_intervals),
+        at_front=True,
+        job_timeout=ctx.lease_seconds,
+        result_ttl=3600,
+        failure_ttl=7 * 86400,
+    )
+    log.warning("music job re-checked by the stuck-job check", extra={"job_id": job.id})
+    return True
+
+
+def _queue_again(ctx: MediaContext, session: Session, now: datetime) -> None:
+    """Queue again the jobs reserved by a worker that died while they waited for a provider place.
+
+    Enqueued first, then the lease cleared by compare-and-set: a failed enqueue leaves the
+    job for the next check, and a second enqueue (two checks at once) is skipped by the claim.
+    """
+    lapsed = session.scalars(select(Job).where(Job.status == "queued", Job.lease_until < now))
+    for job in list(lapsed):
+        ctx.queue.enqueue(
+            "broker.jobs.run_media_job",
+            job.id,
+            None,
+            len(ctx.retry_intervals),
+            job_timeout=ctx.lease_seconds,
+            result_ttl=3600,
+            failure_ttl=7 * 86400,
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "queued", Job.lease_until == job.lease_until)
+            .values(lease_until=None)
+        )
+        session.commit()
+        log.warning("media job queued again: its worker died while it waited", extra={"job_id": job.id})
 
 
 def purge_media(ctx: MediaContext, session: Session, older_than_days: int) -> int:

@@ -10,14 +10,16 @@ stuck-job check every second beside it.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import psutil
 import pytest
 from rq import Queue
 from sqlalchemy import select
 
 from broker import media
-from broker.models import JobResult, LedgerEntry
+from broker.models import Job, JobResult, LedgerEntry
 from tests.conftest import WorkerProcess, assert_invariant
 from tests.fakes.upstreams import Reply
 
@@ -190,3 +192,71 @@ def test_a_job_past_its_timeout_is_failed_and_released_and_its_late_answer_chang
     assert settles(app, tenant, done["request_id"]) == ["hold", "release"]
     assert balance(app, tenant) == start
     assert_invariant(app)
+
+
+def test_a_job_waiting_for_its_provider_place_is_queued_and_its_cancel_releases_it_once_unsent(
+    app, client, tenant, upstream, start_worker
+):
+    upstream.default = Reply(delay=3)
+    start_worker(MEDIA_MAX_IN_FLIGHT_PER_PROVIDER=1)
+    start = balance(app, tenant)
+    first, second = submit_images(client, tenant, 2)
+    wait_for(lambda: upstream.in_flight.get("openai_images") == 1, "one call at the provider")
+    calling, waiting = (first, second) if job(client, tenant, first)["status"] == "running" else (second, first)
+    # The other is held by the worker, waiting for the one place: still queued, so cancelable.
+    session = app.extensions["broker"].db()
+
+    def reserved() -> bool:
+        session.commit()
+        row = session.get(Job, waiting)
+        session.refresh(row)
+        return row.status == "queued" and row.lease_until is not None
+
+    wait_for(reserved, "the worker holds the waiting job")
+    assert job(client, tenant, waiting)["status"] == "queued"
+    canceled = client.delete(f"/v1/jobs/{waiting}", headers=tenant.headers)
+    assert canceled.status_code == 200 and canceled.json["status"] == "canceled", canceled.json
+    (done,) = wait_ended(client, tenant, [calling])
+    assert done["status"] == "succeeded"
+    # A job submitted after gets the freed place; the canceled one never reached the provider.
+    (third,) = submit_images(client, tenant, 1)
+    (later,) = wait_ended(client, tenant, [third])
+    assert later["status"] == "succeeded"
+    assert len([r for r in upstream.requests if r.provider == "openai_images"]) == 2
+    assert job(client, tenant, waiting)["status"] == "canceled"
+    assert settles(app, tenant, canceled.json["request_id"]) == ["hold", "release"]
+    assert start - balance(app, tenant) == charged(done) + charged(later)
+    assert places_in_use(app) == 0
+    assert_invariant(app)
+
+
+def test_rqs_scheduler_runs_in_a_thread_of_the_worker_and_is_never_forked(app):
+    """RQ forks its scheduler process at start, and again from its maintenance (every 10 minutes) in a
+    worker that did not get the scheduler's lock; a fork while media threads hold locks could leave
+    the child deadlocked. Here the worker starts without the lock, runs that maintenance, and takes
+    the lock once its holder is gone: no child process, the due job moved by the worker's thread."""
+    import worker
+
+    svc = app.extensions["broker"]
+    connection = svc.queue_redis
+    lock = "rq:scheduler-lock:media"
+    connection.set(lock, "a scheduler elsewhere", ex=60)
+    queues = [Queue(name, connection=connection) for name in worker.QUEUES]
+    children = psutil.Process().children()  # the test's own (the Valkey server)
+    rq_worker = worker.MediaWorker(queues, connection=connection)
+    rq_worker._start_scheduler()
+    try:
+        rq_worker.last_cleaned_at = datetime.now(UTC) - timedelta(hours=1)
+        rq_worker.run_maintenance_tasks()  # where RQ starts a scheduler process when it has none alive
+        assert psutil.Process().children() == children
+        due = Queue("media", connection=connection).enqueue_in(timedelta(seconds=1), "broker.jobs.reap_holds")
+        assert due.get_status(refresh=True) == "scheduled"
+        connection.delete(lock)  # its holder died and the lock lapsed
+        wait_for(lambda: due.get_status(refresh=True) == "queued", "the worker's own scheduler thread moved the job")
+        assert connection.get(lock).decode() == rq_worker.scheduler.name
+        assert psutil.Process().children() == children
+        assert rq_worker.scheduler._process.name == "rq-scheduler" and rq_worker.scheduler._process.is_alive()
+    finally:
+        rq_worker.stop_scheduler()
+    assert not rq_worker.scheduler._process.is_alive()
+    assert connection.get(lock) is None  # released on stop, for the next worker

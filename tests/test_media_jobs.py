@@ -190,6 +190,47 @@ def test_a_music_job_whose_worker_died_while_waiting_is_released_once(app, clien
     assert_invariant(app)
 
 
+def test_a_music_job_whose_recheck_is_late_is_polled_again_by_the_stuck_job_check_not_failed(
+    app, client, tenant, upstream, worker
+):
+    # A short lease (JOB_LEASE_SECONDS) must not fail a music job whose vendor still works when its
+    # re-check comes late (the scheduler's lock passing to another worker, a full media queue).
+    upstream.queue(Reply(suno_polls_per_stage=2))
+    start = balance(app, tenant)
+    music = client.post("/v1/music", json=MUSIC, headers=tenant.headers).json
+    svc = app.extensions["broker"]
+    session = svc.db()
+    deadline = time.time() + 30
+    while not [r for r in upstream.requests if r.provider == "suno" and "record-info" in r.path]:
+        assert time.time() < deadline, "the music job never polled"
+        time.sleep(0.1)
+    worker.kill()  # its scheduled re-check is not run: it comes late, from the next worker
+    session.commit()
+    job = session.get(Job, music["id"])
+    session.refresh(job)
+    late = media.as_utc(job.lease_until).isoformat()
+    deadline = time.time() + 30
+    while media.as_utc(job.lease_until).isoformat() == late:
+        assert time.time() < deadline, "the stuck-job check never took up the lapsed job"
+        assert media.finish_stuck(svc.media, session) == []  # never failed
+        time.sleep(0.2)
+        session.refresh(job)
+        session.commit()
+    assert job.status == "running"
+    # A new worker: the killed one's scheduler lock would lapse in 61 s; the rescue needs no scheduler.
+    svc.queue_redis.delete("rq:scheduler-lock:media", "rq:scheduler-lock:housekeeping")
+    worker.start()
+    done = poll(client, tenant, music["id"], timeout=60)
+    assert done["status"] == "succeeded" and len(done["results"]) == 2, done
+    assert done["cost_credits"] == credits(ucr(Decimal("0.06")))
+    assert start - balance(app, tenant) == ucr(Decimal("0.06"))
+    assert len([r for r in upstream.requests if r.provider == "suno" and r.path.endswith("/generate")]) == 1
+    assert _settles(app, tenant, done["request_id"]) == ["hold", "settle"]
+    # The late re-check, delivered after all, changes nothing.
+    assert media.run(svc.media, session, music["id"], final_attempt=True, recheck=late) == "skipped"
+    assert_invariant(app)
+
+
 def test_a_duplicate_music_recheck_is_skipped(app, client, tenant, upstream, worker):
     upstream.queue(Reply(suno_polls_per_stage=1000))  # never finishes
     music = client.post("/v1/music", json=MUSIC, headers=tenant.headers).json
