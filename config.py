@@ -150,7 +150,8 @@ def load(overrides: dict | None = None) -> dict:
         "S3_BUCKET": env("S3_BUCKET", ""),
         "S3_ENDPOINT_URL": env("S3_ENDPOINT_URL", ""),
         "MEDIA_TTL_DAYS": int(env("MEDIA_TTL_DAYS", "7")),
-        "JOB_LEASE_SECONDS": int(env("JOB_LEASE_SECONDS", "600")),
+        # Renewed by its worker once a quarter has passed; a crashed worker's jobs are taken up after it lapses.
+        "JOB_LEASE_SECONDS": int(env("JOB_LEASE_SECONDS", "60")),
         "JOB_HOLD_TTL_SECONDS": int(env("JOB_HOLD_TTL_SECONDS", "86400")),
         "JOB_RETRY_INTERVALS": env("JOB_RETRY_INTERVALS", "5,30,120"),
         "STUCK_JOB_CHECK_SECONDS": int(env("STUCK_JOB_CHECK_SECONDS", "15")),

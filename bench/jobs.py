@@ -2,6 +2,12 @@
 
 The image cell of issue 14: ``python bench/jobs.py --images 500 --latency 20 --workers 2 --clients 16``
 (500 image jobs submitted at once, a fake upstream that takes 20 s for each, 2 worker processes).
+
+The music cell: ``python bench/jobs.py --music 200 --music-polls-per-stage 8 --music-poll-seconds 5
+--images 20 --latency 2 --jobs-after 30 --workers 2 --phase-timeout 400`` (200 music jobs that each
+wait about 2 minutes for the fake Suno, 9 × 3 polls 5 s apart; 20 images submitted 30 s into
+that wait). It samples, while the music jobs wait, the worker threads above the workers' idle
+count, RQ's scheduled re-checks and the busy workers.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -152,6 +159,19 @@ def tree_cpu(pids: list[int]) -> float:
                 t = proc.cpu_times()
                 total += t.user + t.system + t.children_user + t.children_system
     return total
+
+
+def worker_threads(pids: list[int]) -> tuple[int, int]:
+    """(RSS in bytes, threads) of the worker processes and their children, added up."""
+    rss = threads = 0
+    for pid in pids:
+        with suppress(psutil.NoSuchProcess):
+            root = psutil.Process(pid)
+            for proc in (root, *root.children(recursive=True)):
+                with suppress(psutil.NoSuchProcess):
+                    rss += proc.memory_info().rss
+                    threads += proc.num_threads()
+    return rss, threads
 
 
 def box_busy() -> float:
@@ -293,6 +313,11 @@ class PhaseResult:
     peak_rss: int = 0  # bytes: the most the worker processes (with their children) held at once
     peak_threads: int = 0  # the most threads the worker processes had at once
     not_charged_once: int = 0  # succeeded jobs whose hold has not exactly one hold and one settle entry
+    # While music jobs wait, every 0.5 s: (time.time(), worker threads above the idle count, RQ's
+    # scheduled jobs, busy RQ workers, workers' RSS in bytes).
+    music_samples: list[tuple[float, int, int, int, int]] = field(default_factory=list)
+    music_not_charged_once: int = 0
+    idle_threads: int = 0
 
 
 class Bench:
@@ -334,6 +359,8 @@ class Bench:
                 str(fake_port),
                 "--delay",
                 str(self.args.latency),
+                "--suno-polls-per-stage",
+                str(self.args.music_polls_per_stage),
             ],
             base_env,
             self.work / "fake.log",
@@ -358,7 +385,7 @@ class Bench:
             "OPENAI_API_KEY": "sk-bench-anything",
             "SUNO_BASE_URL": fake_url,
             "SUNO_API_KEY": "suno-bench-anything",
-            "MUSIC_POLL_SECONDS": str(MUSIC_POLL_SECONDS),
+            "MUSIC_POLL_SECONDS": str(self.args.music_poll_seconds),
             # The bench's own submits and job listings are not what is measured: no per-key cap on them.
             "RATE_LIMIT_PER_MINUTE": "1000000",
             "RATE_LIMIT_PER_DAY": "100000000",
@@ -484,13 +511,18 @@ class Bench:
                 box_busy(),
                 time.monotonic(),
             )
+            result.idle_threads = worker_threads(worker_pids)[1]
+            music_stop = threading.Event()
             if self.args.music:
                 self._submit_music(result)
+                threading.Thread(target=self._sample_music, args=(result, worker_pids, music_stop), daemon=True).start()
+            jobs_from = time.monotonic() + self.args.jobs_after
             counter = itertools.count()
             lock = threading.Lock()
             stop = threading.Event()
 
             def submitter() -> None:
+                stop.wait(max(0.0, jobs_from - time.monotonic()))  # --jobs-after: into the music jobs' wait
                 while not stop.is_set():
                     with lock:
                         n = next(counter)
@@ -526,6 +558,7 @@ class Bench:
                     thread.join(timeout=HTTP_TIMEOUT + 5)
             if self.args.music and not result.aborted:
                 self._wait_music(result, deadline)
+            music_stop.set()
             if result.aborted:
                 self._cancel_leftovers(result)
             result.cpu_worker_s = tree_cpu(worker_pids) - cpu_w0
@@ -546,16 +579,18 @@ class Bench:
     def _sample_workers(self, result: PhaseResult, pids: list[int], stop: threading.Event) -> None:
         """Every 0.2 s until ``stop``: the worker processes' total RSS and threads, keeping the peaks."""
         while not stop.wait(0.2):
-            rss = threads = 0
-            for pid in pids:
-                with suppress(psutil.NoSuchProcess):
-                    root = psutil.Process(pid)
-                    for proc in (root, *root.children(recursive=True)):
-                        with suppress(psutil.NoSuchProcess):
-                            rss += proc.memory_info().rss
-                            threads += proc.num_threads()
+            rss, threads = worker_threads(pids)
             result.peak_rss = max(result.peak_rss, rss)
             result.peak_threads = max(result.peak_threads, threads)
+
+    def _sample_music(self, result: PhaseResult, pids: list[int], stop: threading.Event) -> None:
+        """Every 0.5 s while the music jobs wait: what holds a worker meanwhile (see ``PhaseResult``)."""
+        assert self.rds is not None
+        while not stop.wait(0.5):
+            rss, threads = worker_threads(pids)
+            scheduled = int(self.rds.zcard("rq:scheduled:media"))
+            sample = (time.time(), threads - result.idle_threads, scheduled, self.busy_workers(), rss)
+            result.music_samples.append(sample)
 
     def _not_charged_once(self, result: PhaseResult) -> int:
         """Succeeded jobs whose hold has anything but one hold and one settle entry in SQL (after a drain)."""
@@ -563,13 +598,16 @@ class Bench:
 
         cli(self.env, "reconcile", check=False)  # drains the ledger into SQL first
         holds = {r["request_id"] for r in result.records.values() if r["status"] == "succeeded"}
+        music = {r["request_id"] for r in result.music_records if r["status"] == "succeeded"}
+        holds |= music
         with sqlite3.connect(self.work / "broker.db") as db:
             rows = db.execute("SELECT hold_id, kind FROM ledger_entries WHERE kind IN ('hold', 'settle')").fetchall()
         kinds: dict[str, list[str]] = {}
         for hold_id, entry_kind in rows:
             if hold_id in holds:
                 kinds.setdefault(hold_id, []).append(entry_kind)
-        return sum(1 for h in holds if sorted(kinds.get(h, [])) != ["hold", "settle"])
+        result.music_not_charged_once = sum(1 for h in music if sorted(kinds.get(h, [])) != ["hold", "settle"])
+        return sum(1 for h in holds - music if sorted(kinds.get(h, [])) != ["hold", "settle"])
 
     def _poll(
         self, result: PhaseResult, threads: list[threading.Thread], lock: threading.Lock, deadline: float
@@ -601,12 +639,13 @@ class Bench:
         """Music jobs first: each waits for the fake Suno through re-checks RQ's scheduler enqueues."""
         assert self.api is not None
         result.music_started = time.time()
-        for _ in range(self.args.music):
-            response = self.api.submit_music()
-            if response.status_code == 202:
-                result.music_ids.append(response.json()["id"])
-            else:
-                result.music_submit_errors += 1
+        api = self.api
+        with ThreadPoolExecutor(self.args.clients) as pool:  # the fake's --latency delays each submit
+            for response in pool.map(lambda _: api.submit_music(), range(self.args.music)):
+                if response.status_code == 202:
+                    result.music_ids.append(response.json()["id"])
+                else:
+                    result.music_submit_errors += 1
 
     def _wait_music(self, result: PhaseResult, deadline: float) -> None:
         assert self.api is not None
@@ -681,7 +720,7 @@ class Summary:
     not_charged_once: int = 0
 
 
-def summarize(result: PhaseResult, latency: float) -> Summary:
+def summarize(result: PhaseResult, latency: float, polls: int = 4, poll_seconds: float = MUSIC_POLL_SECONDS) -> Summary:
     subs = result.submissions
     records = list(result.records.values())
     ok = [r for r in records if r["status"] == "succeeded"]
@@ -758,7 +797,7 @@ def summarize(result: PhaseResult, latency: float) -> Summary:
         housekeeping_drain_s=result.housekeeping_drain_s,
         aborted=result.aborted,
         errors=errors,
-        music=summarize_music(result),
+        music=summarize_music(result, polls, poll_seconds),
         kind=result.kind,
         span_s=span,
         peak_rss_mib=result.peak_rss / 2**20,
@@ -767,8 +806,8 @@ def summarize(result: PhaseResult, latency: float) -> Summary:
     )
 
 
-def summarize_music(result: PhaseResult) -> str:
-    """One line: how the music jobs ended and how long they took, against holding a worker each."""
+def summarize_music(result: PhaseResult, polls: int, poll_seconds: float) -> str:
+    """How the music jobs ended and how long they waited, and what held a worker meanwhile."""
     if not result.music_ids:
         return ""
     records = result.music_records
@@ -776,12 +815,25 @@ def summarize_music(result: PhaseResult) -> str:
     done = present([seconds(parse_time(r["finished_at"]), parse_time(r["created_at"])) for r in ok])
     last = max((parse_time(r["finished_at"]).timestamp() for r in ok), default=None)
     span = f"{last - result.music_started:.1f} s" if last else "-"
+    # Samples while every music job was still waiting (none ended yet): the wait itself.
+    first_end = min((parse_time(r["finished_at"]).timestamp() for r in ok), default=math.inf)
+    waiting = [sample for sample in result.music_samples if sample[0] < first_end]
+    threads = sorted(float(t) for _, t, _, _, _ in waiting)
+    scheduled = sorted(float(q) for _, _, q, _, _ in waiting)
+    busy = [b for _, _, _, b, _ in waiting]
+    rss = max((r for *_, r in result.music_samples), default=0) / 2**20
     return (
         f"{len(result.music_ids)} music jobs (submit errors {result.music_submit_errors}): "
-        f"{len(ok)} succeeded, {len(records) - len(ok)} not; submit->succeeded p50 / max "
-        f"{fmt(pct(done, 50))} / {fmt(max(done, default=None))} s; all done {span} after the first submit "
-        f"(each polled 4 times, {MUSIC_POLL_SECONDS} s apart: a worker held per job would need about "
-        f"{len(result.music_ids) * 3 * MUSIC_POLL_SECONDS / result.workers:.0f} s)"
+        f"{len(ok)} succeeded, {len(records) - len(ok)} not, {result.music_not_charged_once} not charged "
+        f"exactly once; submit->succeeded p50 / max {fmt(pct(done, 50), '.1f')} / "
+        f"{fmt(max(done, default=None), '.1f')} s (each {polls} polls {poll_seconds:g} s apart); all done {span} "
+        f"after the first submit.\n  While they waited ({len(waiting)} samples, 0.5 s apart): worker threads "
+        f"above the idle {result.idle_threads} (the lease keeper, started by the first job, is 1): "
+        f"median {fmt(pct(threads, 50), '.0f')}, p99 "
+        f"{fmt(pct(threads, 99), '.0f')}, max {fmt(max(threads, default=None), '.0f')}; re-checks scheduled "
+        f"in RQ: median {fmt(pct(scheduled, 50), '.0f')}; RQ workers busy in "
+        f"{sum(1 for b in busy if b)} samples; workers' peak RSS {rss:.0f} MiB. A worker thread held per job "
+        f"would be {len(result.music_ids)} threads for the whole wait."
     )
 
 
@@ -913,8 +965,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--music",
         type=int,
         default=0,
-        help="music jobs submitted at the start of each phase, before the TTS jobs (fake Suno: 4 polls "
-        f"{MUSIC_POLL_SECONDS} s apart); they wait in scheduled re-checks, not in a worker",
+        help="music jobs submitted at the start of each phase, before the TTS jobs (fake Suno: "
+        "3 × --music-polls-per-stage + 1 polls, --music-poll-seconds apart); they wait in scheduled re-checks, "
+        "not in a worker",
+    )
+    parser.add_argument(
+        "--music-polls-per-stage",
+        type=int,
+        default=1,
+        help="the fake Suno's polls per status stage (default 1; 8 with --music-poll-seconds 5: about 2 minutes)",
+    )
+    parser.add_argument(
+        "--music-poll-seconds",
+        type=float,
+        default=MUSIC_POLL_SECONDS,
+        help=f"MUSIC_POLL_SECONDS of the workers (default {MUSIC_POLL_SECONDS})",
+    )
+    parser.add_argument(
+        "--jobs-after",
+        type=float,
+        default=0.0,
+        help="seconds after the music jobs before the TTS/image jobs are submitted (default 0)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database) for inspection")
     return parser.parse_args(argv)
@@ -955,7 +1026,8 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 results = [bench.run_phase(n, i + 1) for i, n in enumerate(counts)]
-                summaries = [summarize(r, args.latency) for r in results]
+                polls = 3 * args.music_polls_per_stage + 1
+                summaries = [summarize(r, args.latency, polls, args.music_poll_seconds) for r in results]
                 print()
                 print_table(summaries, args.latency)
                 reconcile = cli(bench.env, "reconcile", check=False)
@@ -966,7 +1038,9 @@ def main(argv: list[str] | None = None) -> int:
                     not s.aborted and s.succeeded == s.submitted and not s.not_charged_once for s in summaries
                 )
                 ok = ok and all(
-                    sum(1 for r in x.music_records if r["status"] == "succeeded") == args.music for x in results
+                    sum(1 for r in x.music_records if r["status"] == "succeeded") == args.music
+                    and not x.music_not_charged_once
+                    for x in results
                 )
                 return 0 if ok else 1
             except BenchError as error:

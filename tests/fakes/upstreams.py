@@ -2829,9 +2829,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8099)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each response")
     parser.add_argument("--chunks", type=int, default=3, help="text pieces per stream")
+    parser.add_argument(
+        "--suno-polls-per-stage",
+        type=int,
+        default=1,
+        help="Suno record-info polls per status stage (3 stages: a task is done at poll 3N+1)",
+    )
     args = parser.parse_args(argv)
     fake = FakeUpstream(
-        Reply(delay=args.delay, chunks=args.chunks),
+        Reply(delay=args.delay, chunks=args.chunks, suno_polls_per_stage=args.suno_polls_per_stage),
         host=args.host,
         port=args.port,
         record=False,
