@@ -439,7 +439,8 @@ def sign_link(ctx: MediaContext, job_id: str, index: int) -> tuple[int, str]:
 def linked_result(ctx: MediaContext, session: Session, job_id: str, index: int, expires: int, signature: str):
     """The result a signed link names; 403 when the signature is wrong or the link expired, 404 when gone."""
     expected = _link_signature(ctx.link_secret, job_id, index, expires)
-    if not hmac.compare_digest(expected, signature):
+    # As bytes: compare_digest refuses str with non-ASCII characters (a 500 for a mangled link).
+    if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
         raise Forbidden("This link's signature is not valid.", code="invalid_signature", param="signature")
     if expires < time.time():
         raise Forbidden("This link has expired; fetch the job again for a new one.", code="link_expired")

@@ -132,6 +132,20 @@ def _query_parameters(model: type[BaseModel]) -> list[dict]:
     ]
 
 
+# One event of a streamed answer (``stream: true``), as OpenAPI 3.1 tools read a text/event-stream
+# schema (per event; 3.2 calls it itemSchema): its data is a JSON chunk, or "[DONE]" at the end.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
+
+
 def _operation(op: Operation, path: str, method: str, components: dict) -> dict:
     params = [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
@@ -151,7 +165,7 @@ def _operation(op: Operation, path: str, method: str, components: dict) -> dict:
             media["example"] = EXAMPLES[op.response]
         success["content"] = {op.content_type: media}
         if op.stream:
-            success["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+            success["content"]["text/event-stream"] = {"schema": SSE_EVENT}
     elif op.content_type != "application/json":
         success["content"] = {op.content_type: {"schema": {"type": "string", "format": "binary"}}}
     headers = {name: CREDIT_HEADERS.get(name, text) for name, text in op.headers.items()} | REQUEST_ID_HEADER

@@ -190,6 +190,8 @@ def test_sdk_images_url_is_a_signed_link_that_works_without_the_key(app, live_se
     base = f"{parts.scheme}://{parts.netloc}{parts.path}"
     altered = requests.get(base, params={**query, "signature": "0" * 64}, timeout=10)
     assert altered.status_code == 403 and altered.json()["error"]["code"] == "invalid_signature"
+    mangled = requests.get(base, params={**query, "signature": "\u0080" + "0" * 63}, timeout=10)  # was a 500
+    assert mangled.status_code == 403 and mangled.json()["error"]["code"] == "invalid_signature"
     longer = requests.get(base, params={**query, "expires": expires + 3600}, timeout=10)
     assert longer.status_code == 403 and longer.json()["error"]["code"] == "invalid_signature"
     other_index = requests.get(base.removesuffix("/0") + "/1", params=query, timeout=10)
