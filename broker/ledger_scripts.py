@@ -117,6 +117,7 @@ if done then
   end
   -- the settle of a request whose hold expired while it ran: charge the rest now
   redis.call('DEL', KEYS[10])
+  redis.call('HDEL', KEYS[7], hid)  -- a progress beat that came after the expiry
   local bal = tonumber(redis.call('GET', KEYS[1]) or '0')
   local late = math.min(math.min(charge, tonumber(hold_amount)) - tonumber(done), bal)
   if late <= 0 then return {2, done, f('%d', bal)} end
