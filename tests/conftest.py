@@ -14,20 +14,23 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 import psutil
 import pytest
 import redis
+import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 from werkzeug.serving import make_server
 
 from broker import ROOT, accounts, create_app, keys, migrations, pricing
-from broker.embedded_redis import EmbeddedRedis
+from broker.embedded_redis import EmbeddedRedis, free_port
 from broker.extensions import services
 from tests.fakes.smtp import FakeSmtp
 from tests.fakes.stripe_api import FakeStripe
@@ -317,6 +320,47 @@ class WorkerProcess:
             for process in alive:
                 process.kill()
             psutil.wait_procs(alive, timeout=5)
+
+
+class GunicornProcess:
+    """``gunicorn -c gunicorn.conf.py app:app`` with one worker and the test app's settings (plus ``env``),
+    as a context manager that waits until it answers and stops it (SIGTERM) at the end."""
+
+    def __init__(self, app, tmp_path: Path, **env: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env = {**WorkerProcess(app.config["BROKER_TEST_CONFIG"]).env, "PORT": str(self.port)}
+        self.env.update({"WEB_CONCURRENCY": "1", **env})
+        self.output = tmp_path / "gunicorn.out"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> GunicornProcess:
+        argv = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "gunicorn.conf.py",
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "app:app",
+        ]
+        with open(self.output, "wb") as out:
+            self.process = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process.poll() is None, self.output.read_text()
+            try:
+                requests.get(self.base + "/healthz", timeout=2)
+                return self
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, self.output.read_text()
+                time.sleep(0.2)
+
+    def __exit__(self, *_exc) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(30)
 
 
 @pytest.fixture

@@ -3,43 +3,20 @@
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
-from broker import ROOT
-from broker.embedded_redis import free_port
-from tests.conftest import WorkerProcess
+from tests.conftest import GunicornProcess
 
 
 @pytest.fixture
 def gunicorn(app, tmp_path):
     """gunicorn -c gunicorn.conf.py app:app, one worker, the access log in a file; yields (base URL, log path)."""
-    port, access_log = free_port(), tmp_path / "access.log"
-    env = WorkerProcess(app.config["BROKER_TEST_CONFIG"]).env
-    env.update(PORT=str(port), WEB_CONCURRENCY="1", GUNICORN_ACCESSLOG=str(access_log), GUNICORN_LOGLEVEL="warning")
-    argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", "app:app"]
-    output = tmp_path / "gunicorn.out"
-    with open(output, "wb") as out:
-        process = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, output.read_text()
-            try:
-                requests.get(base + "/healthz", timeout=2)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, output.read_text()
-                time.sleep(0.2)
-        yield base, access_log
-    finally:
-        process.terminate()
-        process.wait(15)
+    access_log = tmp_path / "access.log"
+    with GunicornProcess(app, tmp_path, GUNICORN_ACCESSLOG=str(access_log), GUNICORN_LOGLEVEL="warning") as server:
+        yield server.base, access_log
 
 
 def test_no_api_key_in_the_access_log_however_it_is_sent(gunicorn, tenant):

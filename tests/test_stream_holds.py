@@ -99,3 +99,39 @@ def test_a_stream_that_stops_settling_is_charged_its_recorded_estimate_then_the_
     assert final["tokens"]["output"] == 50 and final["charged_ucr"] > expired["charged_ucr"]
     assert before - balance(app, tenant) == final["charged_ucr"]
     assert_invariant(app)
+
+
+def test_a_stream_cut_by_a_graceful_restart_is_charged_what_it_delivered(app, tmp_path, tenant, upstream):
+    """gunicorn stops (SIGTERM) while a stream runs longer than its graceful timeout: the stream is cut
+    and its worker killed, yet what it delivered is charged (it recorded it on its hold), not nothing."""
+    import signal
+
+    import requests
+
+    from tests.conftest import GunicornProcess
+
+    upstream.queue(Reply(text="word " * 60, chunks=30, chunk_delay=0.5, output_tokens=80))
+    ledger = app.extensions["broker"].ledger
+    before = balance(app, tenant)
+    with GunicornProcess(app, tmp_path, GUNICORN_GRACEFUL_TIMEOUT="1", STREAM_PROGRESS_SECONDS="0") as server:
+        response = requests.post(
+            f"{server.base}/v1/chat/completions",
+            json={"model": "openai/gpt-4o-mini", "messages": MESSAGES, "max_tokens": 300, "stream": True},
+            headers=tenant.headers,
+            stream=True,
+            timeout=30,
+        )
+        request_id = response.headers["X-Request-Id"]
+        lines = response.iter_lines(chunk_size=1)
+        delivered = [line for _, line in zip(range(8), (x for x in lines if x.startswith(b"data:")), strict=False)]
+        assert any(b"word" in line for line in delivered)
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(30)
+        response.close()
+    ledger.reap_expired(now=time.time() + 10**6)  # the reaper, whenever it runs after the restart
+    record = receipt(app, tenant, request_id)
+    assert record["status"] in ("expired", "partial"), record
+    assert 0 < record["charged_ucr"] <= record["hold_ucr"]
+    assert record["tokens"]["output"] < 80 or record["status"] == "expired"  # far from the whole answer
+    assert before - balance(app, tenant) == record["charged_ucr"]
+    assert_invariant(app)
