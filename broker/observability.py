@@ -59,6 +59,8 @@ class StderrHandler(logging.StreamHandler):
 URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s/@'\"<>]+@")
 SECRET_SETTINGS = re.compile(r"_API_KEY$|SECRET|TOKEN|PASSWORD")
 URL_SETTINGS = ("REDIS_URL", "DATABASE_URL", "MAIL_URL", "SENTRY_DSN")
+# Headers and query parameters Sentry leaves out (as its send_default_pii=False did), besides its own list.
+PII_TERMS = ["forwarded", "-ip", "remote-", "via", "-user"]
 
 
 def secrets_of(config: dict) -> list[str]:
@@ -103,7 +105,19 @@ def init_sentry(dsn: str, environment: str, secrets: list[str] | tuple[str, ...]
         dsn=dsn,
         environment=environment,
         integrations=[FlaskIntegration(), RqIntegration()],
-        send_default_pii=False,
+        # What send_default_pii=False collected, less: no request or response bodies (prompts and
+        # answers are customer data), no cookies (sessions), no user, SQL or queue data.
+        data_collection={
+            "user_info": False,
+            "cookies": {"mode": "off"},
+            "http_headers": {"request": {"mode": "denylist", "terms": PII_TERMS}},
+            "http_bodies": [],
+            "url_query_params": {"mode": "denylist", "terms": PII_TERMS},
+            "graphql": {"document": False, "variables": False},
+            "gen_ai": {"inputs": False, "outputs": False},
+            "database_query_data": False,
+            "queues": False,
+        },
         before_send=before_send,
         traces_sample_rate=0.0,
     )

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import sentry_sdk
+from flask import request
 
 from broker import create_app
 from tests.conftest import COINBASE_WEBHOOK_SECRET, PROVIDER_KEYS, RAPIDAPI_SECRET, STRIPE_WEBHOOK_SECRET
@@ -69,15 +70,17 @@ def sentry_app(app, fake_sentry, tenant):
         "METRICS_TOKEN": METRICS_TOKEN,
         "STRIPE_SECRET_KEY": STRIPE_SECRET_KEY,
         "MAIL_URL": f"smtps://mailer:{MAIL_PASSWORD}@127.0.0.1:465",
+        "WTF_CSRF_ENABLED": False,  # the test route takes a POST without a form
     }
     sentry = create_app(config)
     sentry.config["PROPAGATE_EXCEPTIONS"] = False
     key = tenant.key
 
-    @sentry.get("/boom")
+    @sentry.route("/boom", methods=["GET", "POST"])
     def boom():
         # Frame locals of the kind a real failure holds: a Redis URL with its password, a
         # client's key, provider and webhook secrets.
+        request.get_json(silent=True)  # read, as an API route reads its body
         redis_url = f"redis://:{REDIS_PASSWORD}@10.0.0.5:6379/0"
         api_key = key
         settings = {name: sentry.config[name] for name in ("OPENAI_API_KEY", "STRIPE_WEBHOOK_SECRET", "SECRET_KEY")}
@@ -116,3 +119,19 @@ def test_no_secret_reaches_sentry_from_frame_locals_breadcrumbs_or_messages(sent
     ]
     leaked = [secret for secret in secrets if secret.encode() in sent]
     assert leaked == []
+
+
+def test_a_failing_requests_body_and_cookies_do_not_reach_sentry(sentry_app, fake_sentry, tenant):
+    """Prompts are customer data and cookies are sessions: an event carries neither."""
+    prompt, cookie = "my private prompt about the merger", "session-cookie-value-4f2a"
+    response = sentry_app.test_client().post(
+        "/boom",
+        json={"messages": [{"role": "user", "content": prompt}]},
+        headers={"Authorization": f"Bearer {tenant.key}", "Cookie": f"session={cookie}"},
+    )
+    assert response.status_code == 500
+    sentry_sdk.get_client().flush(timeout=5)
+    assert fake_sentry.arrived.wait(5), "no event reached the fake Sentry"
+    sent = b"".join(fake_sentry.received)
+    assert b"RuntimeError" in sent and b"/boom" in sent  # the event and its request arrived
+    assert prompt.encode() not in sent and cookie.encode() not in sent
