@@ -177,6 +177,7 @@ local total = 0
 for _, owed in ipairs(redis.call('HVALS', KEYS[8])) do total = total + tonumber(owed) end
 while total > held do
   local debt = redis.call('LINDEX', KEYS[9], -1)
+  if not debt then break end
   local owed = tonumber(redis.call('HGET', KEYS[8], debt) or '0')
   local drop = math.min(owed, total - held)
   total = total - drop
