@@ -31,7 +31,7 @@ import time
 import redis
 from rq import Queue, SimpleWorker
 from rq.cron import CronScheduler
-from rq.exceptions import DequeueTimeout
+from rq.exceptions import DequeueTimeout, StopRequested
 from rq.scheduler import RQScheduler
 from sqlalchemy.orm import configure_mappers
 
@@ -167,6 +167,27 @@ def run_cron(connection, config) -> None:
             pause = min(pause * 2, 30)
 
 
+def run_worker(connection, pool) -> None:
+    """Run the RQ worker until it is told to stop. A Redis outage while a job runs makes RQ's own
+    bookkeeping of the job fail and the worker quit: start it again, pausing 1, 2, 4 … up to 30 s,
+    so the housekeeping (and media) jobs carry on once Redis is back."""
+    pause = 1
+    while True:
+        worker = WORKER_CLASS([Queue(name, connection=connection) for name in QUEUES], connection=connection)
+        worker.pool = pool
+        try:
+            # The scheduler moves retries and music re-checks onto their queue when due.
+            worker.work(with_scheduler=True, logging_level="WARNING")
+            return
+        except redis.RedisError as error:
+            log.warning("worker lost Redis; starting it again", extra={"error": type(error).__name__, "pause": pause})
+        try:
+            time.sleep(pause)
+        except StopRequested:  # SIGTERM while pausing: RQ's handler of the worker that quit
+            return
+        pause = min(pause * 2, 30)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -198,10 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         try:
             jobs.POOL = pool
-            worker = WORKER_CLASS([Queue(name, connection=connection) for name in QUEUES], connection=connection)
-            worker.pool = pool
-            # The scheduler moves retries and music re-checks onto their queue when due.
-            worker.work(with_scheduler=True, logging_level="WARNING")
+            run_worker(connection, pool)
             if pool is not None:
                 pool.stop()  # a second SIGTERM ends this wait (RQ's cold shutdown)
         finally:

@@ -52,3 +52,36 @@ def test_the_drain_carries_on_after_redis_is_killed_and_started_again(app, tmp_p
         worker.stop()
         server.stop()
         own.extensions["broker"].engine.dispose()
+
+
+def test_the_worker_carries_on_after_redis_dies_while_a_job_runs(app, tmp_path):
+    """A job running as Redis goes away: RQ's bookkeeping of it fails and RQ quits the worker.
+    ``python worker.py`` starts it again, so the housekeeping carries on once Redis is back."""
+    from rq import Queue
+
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=True).start()
+    config = {**app.config["BROKER_TEST_CONFIG"], "REDIS_URL": server.url}
+    own = create_app(config)
+    CURRENT["app"] = own
+    worker = WorkerProcess(config).start()
+    try:
+        svc = own.extensions["broker"]
+        tenant = make_tenant("5")
+        stream = keys_of(tenant.account_id)["log"]
+        assert svc.ledger.hold(tenant.account_id, "before-outage", 1000, 0, 0, 1).ok
+        assert wait_drained(svc.redis, stream, 20), "the cron never drained"
+        busy = Queue("housekeeping", connection=svc.queue_redis).enqueue("time.sleep", 3)
+        deadline = time.monotonic() + 20
+        while busy.get_status(refresh=True) != "started":  # the worker is inside the job
+            assert time.monotonic() < deadline, "the worker never started the job"
+            time.sleep(0.05)
+        server.kill()
+        time.sleep(4)  # the job ends while Redis is away
+        server.start()
+        assert worker.process.poll() is None, "worker.py exited"
+        assert svc.ledger.hold(tenant.account_id, "after-outage", 1000, 0, 0, 1).ok
+        assert wait_drained(svc.redis, stream, 60), "the drain stopped for good after the outage"
+    finally:
+        worker.stop()
+        server.stop()
+        own.extensions["broker"].engine.dispose()
