@@ -71,20 +71,16 @@ def begin(
             param="Idempotency-Key",
             code="idempotency_key_in_flight",
         )
-    if stored.get("unknown"):
-        first = stored["unknown"]
-        raise Conflict(
-            f"This Idempotency-Key was used by request {first}, which ended while the service was unavailable, "
-            f"so it was not run again; GET /v1/requests/{first} shows its receipt and what was charged "
-            "(a 404: nothing was).",
-            param="Idempotency-Key",
-            code="idempotency_key_used",
+    first = stored.get("unknown") or stored.get("too_large")
+    if first:
+        why = (
+            "which ended while the service was unavailable, so it was not run again"
+            if stored.get("unknown")
+            else "a stream too large to replay"
         )
-    if stored.get("too_large"):
-        first = stored["too_large"]
         raise Conflict(
-            f"This Idempotency-Key was answered by request {first}, a stream too large to replay; "
-            f"its receipt is at GET /v1/requests/{first}.",
+            f"This Idempotency-Key was used by request {first}, {why}; GET /v1/requests/{first} shows its "
+            "receipt and what was charged (a 404: nothing was).",
             param="Idempotency-Key",
             code="idempotency_key_used",
         )
